@@ -1,0 +1,36 @@
+# Quick start: `make demo` and `make test` do their own set-up (venv + install).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.jharm-installed
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+# torch first and pinned to the CPU build on local disk, so nothing pulls a CUDA build.
+# open_clip_torch and nudenet come without dependencies: jharm reads only their
+# data files (CLIP's BPE vocabulary, NudeNet's ONNX detector); their torchvision
+# dependency does not install beside the CPU torch here.
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt --no-deps open_clip_torch nudenet
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+demo: $(STAMP)
+	$(VENV)/bin/jharm demo
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
