@@ -27,6 +27,8 @@ setup(
         "tensorboardX",
         "ftfy",
         "regex",
+        "onnxruntime",
+        "scipy",
     ],
     extras_require={
         # torch is only for reference checks in tests and for reading .bin files.
@@ -34,6 +36,7 @@ setup(
             "pytest",
             "torch==2.13.0",
             "onnxruntime",
+            "opencv-python-headless",  # only for the NudeNet package-parity test
             "wcwidth",
         ],
     },
