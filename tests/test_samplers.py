@@ -256,6 +256,18 @@ def test_model_called_once_per_step_on_stacked_conditions():
     assert calls == [((3 * B, H, W, C), (3 * B,), (3 * B, C))]  # traced once inside the scan
 
 
+def test_guidance_is_a_traced_jit_argument():
+    """Sweeping the CFG scale or an SLD parameter does not recompile."""
+    x_T, ctx = _inputs(rows=3)
+    plan = _plan(steps=5)
+    run = jax.jit(lambda g: sample(model_jax, plan, jnp.asarray(x_T), jnp.asarray(ctx), guidance=g))
+    a, b = run(sld_preset("medium", 3.0)), run(sld_preset("medium", 5.0))
+    run(SLD(7.5, 2, 10.0, 0.0, 0.1, 0.2))
+    assert run._cache_size() == 1 and np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+    want = sample(model_jax, plan, jnp.asarray(x_T), jnp.asarray(ctx), guidance=sld_preset("medium", 5.0))
+    np.testing.assert_allclose(np.asarray(b), np.asarray(want), atol=1e-6, rtol=0)
+
+
 def test_pytree_contexts_and_unconditional_model():
     x_T, ctx = _inputs()
     plan = _plan(steps=6)

@@ -320,7 +320,8 @@ def sample(
       start_index, stop_index: run steps ``start_index <= i < stop_index``
         (default all S). Python ints scan only those steps; traced ints (e.g. a
         random k inside a jitted train step) scan all S steps and skip the rest
-        with ``lax.cond``, so they compile once.
+        with ``lax.cond``, so they compile once. LMS starts its multistep
+        history afresh at ``start_index`` (as diffusers does with a begin index).
       return_trajectory: also return the VP latents after every scanned step.
 
     Returns:
