@@ -38,6 +38,9 @@ class Task:
       frozen: a pytree the loss reads but never trains (teacher params,
         centroids); held once on device and sharded like the params.
       export: optional ``(params, workdir) -> path`` run at the end of training.
+      logical_axes: optional ``(path names, shape) -> logical axes or None``
+        overriding ``jharm.train.sharding.logical_axes`` for some leaves (e.g.
+        an "expert" axis); None from it means "use the default rule".
     """
 
     name: str
@@ -47,3 +50,4 @@ class Task:
     trainable: tuple[str, ...] = (".*",)
     frozen: PyTree = None
     export: Callable[[PyTree, str], str] | None = None
+    logical_axes: Callable[[tuple[str, ...], tuple[int, ...]], tuple[str | None, ...] | None] | None = None
