@@ -30,6 +30,35 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return overrides, rest
 
 
+def _cmd_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a task with the sharded engine (resumes from WORKDIR's latest checkpoint)")
+    parser.add_argument("--config", required=True, help="configs/x.py[:arg]; then --config.key=value overrides")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, exports")
+
+    def handler(args):
+        from jharm import config as config_lib
+        from jharm.train import distributed
+        from jharm.train.loop import NonFiniteError, train
+        from jharm.train.tasks import make_task
+
+        config = config_lib.get(args.config, args.config_overrides)
+        # Before make_task: a task factory may already touch devices.
+        distributed.initialize(config.distributed)
+        try:
+            result = train(config, make_task(config), args.workdir)
+        except NonFiniteError as err:
+            print(f"jharm train: {err}", file=sys.stderr)
+            return 3
+        if distributed.is_main_process():
+            state = "stopped by SIGTERM at" if result.preempted else "finished at"
+            print(f"jharm train: {state} step {result.step}; loss {result.metrics.get('loss', float('nan')):.6g}"
+                  + (f"; exported {result.export_path}" if result.export_path else ""))
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jharm",
