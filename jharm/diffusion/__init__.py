@@ -2,9 +2,9 @@
 
 ``schedules`` (NoiseSchedule, make_schedule, from_scheduler_config, add_noise,
 ...), ``samplers`` (make_plan, sample: DDIM/DDPM/Euler/LMS as one lax.scan) and
-``guidance`` (CFG, SLD). See each module's docstring for the conventions.
+``guidance`` (CFG, SLD, FairDiffusion). See each module's docstring for the conventions.
 """
-from jharm.diffusion.guidance import CFG, SLD, sld_preset
+from jharm.diffusion.guidance import CFG, SLD, FairDiffusion, balanced_directions, sld_preset
 from jharm.diffusion.samplers import SamplerPlan, make_plan, sample, step_noise
 from jharm.diffusion.schedules import (
     NoiseSchedule,
@@ -18,7 +18,7 @@ from jharm.diffusion.schedules import (
 )
 
 __all__ = [
-    "CFG", "SLD", "sld_preset", "SamplerPlan", "make_plan", "sample", "step_noise", "NoiseSchedule",
+    "CFG", "SLD", "FairDiffusion", "balanced_directions", "sld_preset", "SamplerPlan", "make_plan", "sample", "step_noise", "NoiseSchedule",
     "add_noise", "from_scheduler_config", "get_velocity", "make_schedule", "sd_schedule", "snr",
     "training_target",
 ]

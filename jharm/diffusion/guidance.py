@@ -102,3 +102,56 @@ def sld_preset(name: str, guidance_scale: float = 7.5) -> SLD:
         raise ValueError(f"unknown SLD preset {name!r}; expected one of {', '.join(SLD_PRESETS)}")
     warmup, sld_scale, threshold, mom_scale, mom_beta = SLD_PRESETS[name]
     return SLD(guidance_scale, warmup, sld_scale, threshold, mom_scale, mom_beta)
+
+
+@_pytree_dataclass
+class FairDiffusion:
+    """Fair Diffusion (Friedrich et al. 2023): semantic guidance towards a randomly
+    drawn attribute per image; rows [∅, prompt, edit concept 1, ..., edit concept E].
+
+    Per concept e: ψ_e = sign_e · s_e · (out(c_e) − out(∅)), kept only where
+    |ψ_e| is in the top ``1 − threshold`` of its (sample, channel) map
+    (threshold 0.95 = top 5 %); ψ = Σ_e ψ_e + s_m ν; ν ← β_m ν + (1 − β_m) ψ;
+    after ``warmup_steps`` the output is CFG + ψ. ``directions`` (B, E) holds
+    the per-image signs (+1 towards, −1 away), e.g. +"female person"
+    −"male person" for half the images and the reverse for the others
+    (:func:`balanced_directions`). The carried state is ν.
+    """
+
+    directions: jax.Array
+    guidance_scale: float = 7.5
+    edit_scale: float = 4.0
+    threshold: float = 0.95
+    warmup_steps: int = 5
+    momentum_scale: float = 0.5
+    momentum_beta: float = 0.6
+
+    def init(self, x: jax.Array):
+        return jnp.zeros_like(x)
+
+    def __call__(self, outs: jax.Array, momentum, step_index):
+        num_edits = outs.shape[0] - 2
+        if num_edits < 1 or self.directions.shape[-1] != num_edits:
+            raise ValueError(f"Fair Diffusion needs rows [uncond, prompt, {self.directions.shape[-1]} edit concepts]; "
+                             f"got {outs.shape[0]} rows")
+        uncond, cond = outs[0], outs[1]
+        edit = jnp.zeros_like(uncond)
+        for e in range(num_edits):
+            sign = self.directions[:, e].reshape((-1,) + (1,) * (uncond.ndim - 1)).astype(uncond.dtype)
+            psi = sign * (outs[2 + e] - uncond)
+            # Quantile over the spatial positions of each (sample, channel) map (NHWC).
+            flat = jnp.abs(psi).reshape(psi.shape[0], -1, psi.shape[-1])
+            cutoff = jnp.quantile(flat, self.threshold, axis=1)[:, None, None, :]
+            edit = edit + jnp.where(jnp.abs(psi) >= cutoff, psi * self.edit_scale, 0.0)
+        edit = edit + self.momentum_scale * momentum
+        new_momentum = self.momentum_beta * momentum + (1 - self.momentum_beta) * edit
+        guided = uncond + self.guidance_scale * (cond - uncond)
+        guided = jnp.where(jnp.asarray(step_index) >= self.warmup_steps, guided + edit, guided)
+        return guided, new_momentum
+
+
+def balanced_directions(rng: jax.Array, batch: int) -> jax.Array:
+    """(B, 2) signs: half the images +concept0/−concept1, half the reverse, shuffled."""
+    first = jnp.where(jnp.arange(batch) % 2 == 0, 1.0, -1.0)
+    first = jax.random.permutation(rng, first)
+    return jnp.stack([first, -first], axis=-1)
