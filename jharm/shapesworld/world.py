@@ -1,0 +1,55 @@
+"""The ShapesWorld config: how scenes are drawn and captioned.
+
+One ``ml_collections.ConfigDict`` (``world_config()``) holds the rendering
+geometry, the caption templates, which shape surface forms captions use, and
+the colour bias of captions that omit the colour. Experiment configs nest it
+(e.g. ``config.task.world``) so ``--config.task.world.bias.square.red=0.9``
+works from the command line.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Captions that name no colour: colour distribution per shape (the analogue of
+# "a photo of a CEO"); shapes not listed draw colours uniformly.
+DEFAULT_BIAS = {
+    "square": {"red": 0.85, "blue": 0.15},
+    "circle": {"green": 0.80, "yellow": 0.20},
+}
+
+DEFAULT_TEMPLATES = (
+    "a {shape}",
+    "a picture of a {shape}",
+    "an image of a {shape}",
+    "a {shape} on a {background} background",
+    "a {colour} {shape}",
+    "a picture of a {colour} {shape}",
+    "a {shape} in {colour}",
+    "a drawing of a {colour} {shape}",
+    "a {colour} {shape} on a {background} background",
+    "a {shape} drawn in {colour} on a {background} background",
+)
+
+
+def world_config() -> ml_collections.ConfigDict:
+    """The default ShapesWorld: 32x32 images, 8 shapes, 6 colours, 3 backgrounds."""
+    c = ml_collections.ConfigDict()
+    c.resolution = 32
+    c.supersample = 2
+    c.size_range = (0.22, 0.36)      # outer radius, fraction of the width
+    c.margin = 0.05                  # gap between the shape and the border (> 1 px at 32)
+    c.max_rotation_deg = 15.0        # capped per shape so identity never changes
+    c.colour_jitter = 0.04
+    c.templates = DEFAULT_TEMPLATES
+    # Which shape words captions use: "all", "canonical", "train" (canonical +
+    # train synonyms) or "heldout" (held-out synonyms only).
+    c.shape_forms = "all"
+    c.colour_synonyms = True         # "crimson" for red, ... in captions
+    c.bias = ml_collections.ConfigDict(DEFAULT_BIAS)
+    return c
+
+
+def geometry(config) -> dict:
+    """The ``render.sample_scenes`` keyword arguments of a world config."""
+    return {"size_range": tuple(config.size_range), "margin": config.margin,
+            "max_rotation_deg": config.max_rotation_deg, "colour_jitter": config.colour_jitter}
