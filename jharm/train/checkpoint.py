@@ -47,6 +47,12 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
 
+    def restore_unsharded(self, step: int) -> PyTree:
+        """The state at ``step`` as saved, without a target (for inspection and tests;
+        optimizer-state namedtuples come back as plain containers)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return restored["state"]
+
     def restore_config(self, step: int) -> str:
         """The config JSON saved with ``step``."""
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
