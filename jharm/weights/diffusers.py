@@ -1,0 +1,159 @@
+"""Local diffusers model folders <-> Flax UNet / VAE (load and export).
+
+A diffusers model folder holds ``config.json`` and
+``diffusion_pytorch_model.safetensors`` (or a sharded index, or a ``.bin`` read
+with ``weights_only=True``). Loading returns ``(module, variables, config)``
+where ``variables = {"params": tree}`` is what ``module.apply`` takes; params
+are float32 whatever the file's dtype. Export writes a folder that
+``diffusers.<Model>.from_pretrained`` loads; it is built in a temporary
+sibling folder and renamed into place, so a crash never leaves a partial model.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jharm.weights.convert import flax_to_torch, torch_to_flax
+from jharm.weights.io import (
+    WeightsError,
+    atomic_write_json,
+    find_weights_file,
+    load_state_dict,
+    read_json,
+    save_safetensors,
+)
+
+WEIGHT_STEMS = ("diffusion_pytorch_model",)
+IP_PARAM_NAMES = ("to_k_ip", "to_v_ip")
+# Old diffusers VAE checkpoints (still on the Hub) name the attention projections
+# like this; diffusers renames them on load and so do we.
+_VAE_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _to_device(flat: dict) -> dict:
+    # Pop as we go: only one host copy and one device copy of a leaf coexist.
+    out = {}
+    for path in list(flat):
+        out[path] = jnp.asarray(flat.pop(path))
+    return traverse_util.unflatten_dict(out)
+
+
+def _convert(state_dict, module, init_fn, key_fn, source: str):
+    template = jax.eval_shape(init_fn, jax.random.key(0))["params"]
+    params = torch_to_flax(state_dict, template, key_fn, source=source)
+    return {"params": _to_device(traverse_util.flatten_dict(params))}
+
+
+def load_unet(folder: str, **overrides):
+    """Load a diffusers ``UNet2DConditionModel`` folder -> ``(module, variables, config)``.
+
+    ``overrides`` set jharm-only config fields: ``dtype`` (compute dtype),
+    ``remat``. To add IP-Adapter params, load them with
+    :func:`jharm.models.ip_adapter.load_ip_adapter` and ``merge`` them.
+    """
+    from jharm.models.unet import KEY_FN, UNet2DConditionModel, UNetConfig
+
+    if overrides.get("ip_adapter_tokens"):
+        raise ValueError("load_unet loads a plain SD UNet; add IP-Adapter params with IPAdapter.merge")
+    config_path = os.path.join(folder, "config.json")
+    try:
+        config = UNetConfig.from_diffusers_config(read_json(config_path), **overrides)
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"{config_path}: {err}") from None
+    module = UNet2DConditionModel(config)
+    path = find_weights_file(folder, WEIGHT_STEMS)
+    variables = _convert(load_state_dict(path), module, lambda rng: module.init_params(rng, context_len=1),
+                         KEY_FN, path)
+    return module, variables, config
+
+
+def _rename_legacy_vae_keys(state_dict: dict) -> dict:
+    for key in [k for k in state_dict if ".attentions." in k]:
+        prefix, name, leaf = key.rsplit(".", 2)
+        if name in _VAE_LEGACY_ATTENTION:
+            value = state_dict.pop(key)
+            if value.ndim == 4:  # 1x1-conv form of a linear weight
+                value = value[:, :, 0, 0]
+            state_dict[f"{prefix}.{_VAE_LEGACY_ATTENTION[name]}.{leaf}"] = value
+    return state_dict
+
+
+def load_vae(folder: str, **overrides):
+    """Load a diffusers ``AutoencoderKL`` folder -> ``(module, variables, config)``.
+
+    Accepts the legacy attention names (``query``/``key``/``value``/``proj_attn``).
+    """
+    from jharm.models.vae import KEY_FN, AutoencoderKL, VAEConfig
+
+    config_path = os.path.join(folder, "config.json")
+    try:
+        config = VAEConfig.from_diffusers_config(read_json(config_path), **overrides)
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"{config_path}: {err}") from None
+    module = AutoencoderKL(config)
+    path = find_weights_file(folder, WEIGHT_STEMS)
+    size = 2 ** (len(config.block_out_channels) - 1)
+    init_fn = lambda rng: module.init(rng, jnp.zeros((1, size, size, config.in_channels)))  # noqa: E731
+    variables = _convert(_rename_legacy_vae_keys(load_state_dict(path)), module, init_fn, KEY_FN, path)
+    return module, variables, config
+
+
+def strip_ip_params(params):
+    """Drop every IP-Adapter ``to_k_ip``/``to_v_ip`` leaf (a plain SD UNet tree remains)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not set(p) & set(IP_PARAM_NAMES)})
+
+
+def _params_tree(variables):
+    return variables["params"] if "params" in variables else variables
+
+
+def _export_folder(out_dir: str, config_dict: dict, state_dict: dict) -> str:
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    try:
+        atomic_write_json(os.path.join(tmp, "config.json"), config_dict)
+        save_safetensors(state_dict, os.path.join(tmp, WEIGHT_STEMS[0] + ".safetensors"))
+        if os.path.exists(out_dir):  # replace: move the old one aside first, delete it after
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old-")
+            os.rename(out_dir, os.path.join(old, "x"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _float32_state_dict(params, key_fn) -> dict:
+    return {k: np.asarray(v, np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating) or
+            np.asarray(v).dtype.name == "bfloat16" else v for k, v in flax_to_torch(params, key_fn).items()}
+
+
+def export_unet(config, params, out_dir: str) -> str:
+    """Write ``params`` (variables or bare param tree) as a diffusers UNet folder.
+
+    IP-Adapter params are dropped: the exported model is a plain SD UNet.
+    Returns the folder's absolute path.
+    """
+    from jharm.models.unet import KEY_FN
+
+    state = _float32_state_dict(strip_ip_params(_params_tree(params)), KEY_FN)
+    return _export_folder(out_dir, config.to_diffusers_config(), state)
+
+
+def export_vae(config, params, out_dir: str) -> str:
+    """Write ``params`` as a diffusers AutoencoderKL folder; returns its path."""
+    from jharm.models.vae import KEY_FN
+
+    return _export_folder(out_dir, config.to_diffusers_config(), _float32_state_dict(_params_tree(params), KEY_FN))

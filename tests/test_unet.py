@@ -1,0 +1,204 @@
+"""UNet2DConditionModel: parity with diffusers on random weights, hooks, export."""
+import json
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as TorchUNet
+from flax import traverse_util
+
+from diffusers_utils import max_abs, nchw, nhwc, randomize_
+from jharm.models.unet import UNet2DConditionModel, UNetConfig, ip_layer_paths
+from jharm.weights.diffusers import export_unet, load_unet
+from jharm.weights.io import WeightsError
+
+TINY_A = dict(  # int head count, conv projections, cross/plain block mix
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=4, cross_attention_dim=24, norm_num_groups=8,
+)
+TINY_B = dict(  # per-block heads, linear projections, upcast, 2 transformer layers, odd sizes, SD2-style time
+    sample_size=10, in_channels=3, out_channels=5, block_out_channels=(16, 32, 32), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 2), cross_attention_dim=12,
+    norm_num_groups=4, use_linear_projection=True, upcast_attention=True, flip_sin_to_cos=False, freq_shift=1,
+)
+
+
+def make_torch_unet(path, cfg, seed=0):
+    torch.manual_seed(seed)
+    model = randomize_(TorchUNet(**cfg), seed)
+    model.save_pretrained(path)
+    return model
+
+
+def inputs(cfg, batch=2, length=7, seed=0, size=None):
+    rng = np.random.default_rng(seed)
+    size = size or cfg["sample_size"]
+    x = rng.standard_normal((batch, size, size, cfg["in_channels"])).astype(np.float32)
+    t = np.array([3, 917][:batch], np.int64)
+    ctx = rng.standard_normal((batch, length, cfg["cross_attention_dim"])).astype(np.float32)
+    return x, t, ctx
+
+
+def torch_eps(model, x, t, ctx, **kw):
+    with torch.no_grad():
+        return nhwc(model(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), **kw).sample)
+
+
+@pytest.mark.parametrize("cfg,size", [(TINY_A, 8), (TINY_B, 10), (TINY_B, 7)], ids=["A", "B", "B-odd"])
+def test_parity_with_diffusers(tmp_path, cfg, size):
+    ref = make_torch_unet(tmp_path / "unet", cfg)
+    module, variables, config = load_unet(str(tmp_path / "unet"))
+    assert config.block_out_channels == cfg["block_out_channels"]
+    x, t, ctx = inputs(cfg, size=size)
+    out = jax.jit(module.apply)(variables, x, t, ctx)
+    expected = torch_eps(ref, x, t, ctx)
+    assert np.abs(expected).max() > 0.1  # random weights give a non-trivial output
+    assert max_abs(out, expected) <= 1e-4
+
+
+class _RecordProbs:
+    """A diffusers attention processor that also stores the attention probabilities."""
+
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)
+        self.store[self.name] = probs.reshape(-1, attn.heads, *probs.shape[1:]).detach().numpy()
+        return AttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+def test_attention_probs_match_diffusers(tmp_path):
+    ref = make_torch_unet(tmp_path / "unet", TINY_B)
+    store = {}
+    processors = {}
+    for name in ref.attn_processors:
+        path = name[: -len(".processor")].replace(".", "/")
+        # diffusers "down_blocks.1.attentions.0..." -> jharm "down_blocks_1/attentions_0/..."
+        for list_name in ("down_blocks", "up_blocks", "attentions", "transformer_blocks"):
+            path = path.replace(f"{list_name}/", f"{list_name}_")
+        processors[name] = _RecordProbs(store, path) if name.endswith("attn2.processor") else ref.attn_processors[name]
+    ref.set_attn_processor(processors)
+    module, variables, config = load_unet(str(tmp_path / "unet"))
+    x, t, ctx = inputs(TINY_B)
+    expected = torch_eps(ref, x, t, ctx)
+    out, probs = jax.jit(lambda v, *a: module.apply(v, *a, return_attention_probs=True))(variables, x, t, ctx)
+    assert max_abs(out, expected) <= 1e-4
+    assert sorted(probs) == sorted(store) == sorted(ip_layer_paths(config))
+    for name, p in probs.items():
+        assert max_abs(p, store[name]) <= 1e-5, name
+
+
+def test_remat_and_bf16_policy(tmp_path):
+    make_torch_unet(tmp_path / "unet", TINY_A)
+    module, variables, config = load_unet(str(tmp_path / "unet"))
+    remat_module, _, _ = load_unet(str(tmp_path / "unet"), remat=True)
+    x, t, ctx = inputs(TINY_A)
+
+    def loss(m):
+        return lambda p: jnp.mean(m.apply(p, x, t, ctx) ** 2)
+
+    l1, g1 = jax.jit(jax.value_and_grad(loss(module)))(variables)
+    l2, g2 = jax.jit(jax.value_and_grad(loss(remat_module)))(variables)
+    assert abs(float(l1) - float(l2)) <= 1e-6
+    assert max(max_abs(a, b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2))) <= 1e-5
+    bf16 = UNet2DConditionModel(UNetConfig(**{**TINY_A, "dtype": "bfloat16"}))
+    out32 = module.apply(variables, x, t, ctx)
+    out16 = bf16.apply(variables, x, t, ctx)
+    assert out16.dtype == jnp.bfloat16
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+    assert max_abs(out16, out32) <= 0.05 * float(jnp.abs(out32).max())
+
+
+def test_param_paths_select_esd_sets(tmp_path):
+    module = UNet2DConditionModel(UNetConfig(**TINY_A))
+    flat = traverse_util.flatten_dict(module.init_params(jax.random.key(0))["params"])
+    names = ["/".join(p) for p in flat]
+    assert "down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k/kernel" in names
+    assert "time_embedding/linear_1/kernel" in names
+    assert "down_blocks_0/attentions_0/transformer_blocks_0/ff/net_0/proj/kernel" in names
+    assert not any("_ip" in n for n in names)  # plain SD tree unless IP-Adapter is configured
+    ip = UNet2DConditionModel(UNetConfig(**TINY_A, ip_adapter_tokens=4))
+    ip_names = {"/".join(p) for p in traverse_util.flatten_dict(ip.init_params(jax.random.key(0))["params"])}
+    assert sorted(ip_names - set(names)) == sorted(
+        f"{layer}/{proj}/kernel" for layer in ip_layer_paths(ip.config) for proj in ("to_k_ip", "to_v_ip"))
+
+
+def test_config_rejects_unsupported_options(tmp_path):
+    base = dict(TorchUNet(**TINY_A).config)
+    with pytest.raises(ValueError, match="class_embed_type"):
+        UNetConfig.from_diffusers_config({**base, "class_embed_type": "timestep"})
+    with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D"):
+        UNetConfig.from_diffusers_config({**base, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]})
+    assert UNetConfig.from_diffusers_config(base) == UNetConfig(**TINY_A)
+
+
+def test_load_errors_name_key_and_shapes(tmp_path):
+    make_torch_unet(tmp_path / "unet", TINY_A)
+    cfg_path = tmp_path / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["cross_attention_dim"] = 20
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match=r"attn2\.to_k\.weight: expected \(20, 32\).*found \(24, 32\)"):
+        load_unet(str(tmp_path / "unet"))
+    os.remove(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(WeightsError, match="no weight file"):
+        load_unet(str(tmp_path / "unet"))
+
+
+def test_export_round_trip(tmp_path):
+    make_torch_unet(tmp_path / "unet", TINY_B)
+    module, variables, config = load_unet(str(tmp_path / "unet"))
+    # A "fine-tuned" model: perturb the Flax params, export, reload in diffusers.
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    tuned = jax.tree.unflatten(tree, [v + 0.01 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+    out_dir = export_unet(config, tuned, str(tmp_path / "export"))
+    export_unet(config, tuned, str(tmp_path / "export"))  # overwriting an export is atomic too
+    assert sorted(os.listdir(tmp_path)) == ["export", "unet"]
+    reloaded = TorchUNet.from_pretrained(out_dir).eval()
+    x, t, ctx = inputs(TINY_B)
+    assert max_abs(torch_eps(reloaded, x, t, ctx), module.apply(tuned, x, t, ctx)) <= 1e-5
+    _, again, _ = load_unet(out_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(tuned)))
+
+
+SD15 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+SD21 = dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True, upcast_attention=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [SD15, SD21], ids=["sd15", "sd21"])
+def test_sd_sized_parity(tmp_path, cfg):
+    torch.manual_seed(0)
+    ref = randomize_(TorchUNet(**cfg), 0)
+    ref.save_pretrained(tmp_path / "unet")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    module, variables, _ = load_unet(str(tmp_path / "unet"))
+    convert_s = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 64, 64, 4)).astype(np.float32)
+    ctx = rng.standard_normal((1, 77, cfg["cross_attention_dim"])).astype(np.float32)
+    t = np.array([500])
+    expected = torch_eps(ref, x, t, ctx)
+    del ref
+    out = jax.jit(module.apply)(variables, x, t, ctx)
+    err = max_abs(out, expected)
+    print(f"\n{cfg['cross_attention_dim']}-ctx UNet: max abs err {err:.2e}, convert {convert_s:.1f}s, "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
+          f"(before loading {rss_before / 2**20:.2f} GiB)")
+    assert err <= 1e-4
