@@ -92,9 +92,17 @@ def test_fd_bad_inputs():
 # --- network and loss ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def params():
-    config = judge.judge_task_config()
-    return jax.jit(judge._module(config).init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+def task():
+    from jharm.config import get
+    from jharm.train.tasks import make_task
+
+    return make_task(get(CONFIG, ["--config.train.batch_size=8"]))
+
+
+@pytest.fixture(scope="module")
+def params(task):
+    # One init compile for the whole module (XLA takes seconds for it on CPU).
+    return jax.jit(task.init_params)(jax.random.key(1))
 
 
 apply = jax.jit(judge.judge_apply)
@@ -144,20 +152,18 @@ def test_gradients_reach_every_parameter_and_descend(params):
     assert float(grad_fn(p)[0]) < 0.8 * float(loss0)
 
 
-def test_judge_task_contract():
-    from jharm.config import get
-    from jharm.train.tasks import make_task
-
-    config = get(CONFIG, ["--config.train.batch_size=8"])
-    task = make_task(config)
+def test_judge_task_contract(task, params):
     assert task.name == "shapesworld_judge"
-    params = jax.jit(task.init_params)(jax.random.key(1))
+    assert jax.tree.structure(params) == jax.tree.structure(
+        jax.eval_shape(judge._module().init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
     batch = task.make_batch(3)
     assert batch["image"].shape == (8, 32, 32, 3)
     for key, value in task.make_batch(3).items():
         np.testing.assert_array_equal(value, batch[key])
     loss, metrics = jax.jit(task.loss_fn)(params, None, batch, jax.random.key(0))
-    assert np.isfinite(float(loss)) and set(metrics) >= {"shape_acc", "colour_acc", "background_acc"}
+    want, _ = jax.jit(judge.judge_loss)(params, batch)
+    assert abs(float(loss) - float(want)) < 1e-6
+    assert set(metrics) >= {"shape_acc", "colour_acc", "background_acc"}
 
 
 # --- training through the one train loop ------------------------------------------------

@@ -6,6 +6,7 @@ Its penultimate features are the embedding of the "FD-judge" Fréchet distance
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -71,11 +72,26 @@ def judge_apply(params, images, config=None) -> dict[str, jax.Array]:
     return _module(config).apply({"params": params}, jnp.asarray(images, jnp.float32))
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(channels: tuple[int, ...], features: int):
+    module = JudgeNet(channels=channels, features=features)
+    return jax.jit(lambda params, images: module.apply({"params": params}, images))
+
+
 def _batched(params, images, config, batch_size: int, key: str | None) -> dict[str, np.ndarray]:
-    apply = jax.jit(lambda p, x: judge_apply(p, x, config))
-    outs = [apply(params, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    keys = [key] if key else list(outs[0])
-    return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in keys}
+    """Apply in fixed-size chunks (the last one padded) so that one compile serves all."""
+    config = judge_task_config() if config is None else config
+    apply = _jitted_apply(tuple(config.channels), int(config.features))
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"expected a non-empty NHWC batch of images, found shape {images.shape}")
+    outs = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        pad = batch_size - len(chunk) if len(images) > batch_size else 0
+        out = apply(params, np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)]))
+        outs.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items() if key in (None, k)})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 def judge_features(params, images: np.ndarray, config=None, batch_size: int = 256) -> np.ndarray:
