@@ -155,8 +155,8 @@ def sample_scenes(rng: np.random.Generator, n: int, shape=None, colour=None, bac
             bg_lo[sel] = _GRADIENT_LO[0] + level[sel, 0] * (_GRADIENT_LO[1] - _GRADIENT_LO[0])
             bg_hi[sel] = _GRADIENT_HI[0] + level[sel, 1] * (_GRADIENT_HI[1] - _GRADIENT_HI[0])
         else:
-            a, b_ = _BG_LEVELS[name]
-            bg_lo[sel] = bg_hi[sel] = a + level[sel, 0] * (b_ - a)
+            darkest, lightest = _BG_LEVELS[name]
+            bg_lo[sel] = bg_hi[sel] = darkest + level[sel, 0] * (lightest - darkest)
     bg_angle = rng.uniform(0.0, 2.0 * np.pi, n)
     f32 = np.float32
     return Scenes(shape=shape_ids, colour=colour_ids, background=bg_ids, size=size.astype(f32),
@@ -215,7 +215,7 @@ def _cross(x, y):
     return np.minimum(_box(x, y, 0.85, 0.27), _box(x, y, 0.27, 0.85))
 
 
-# Heart: a square turned 45 degrees with a half-disc-plus on each upper side.
+# Heart: a square turned 45 degrees with a disc centred on each upper side.
 _HEART_H = 0.74            # half-diagonal of the turned square
 _HEART_C = -0.15           # its vertical centre: the heart then fits the unit circle
 _HEART_R = float(_HEART_H / np.sqrt(2.0))
