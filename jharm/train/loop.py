@@ -107,16 +107,29 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation, schedul
 
 
 class _StopFlag:
-    """Set by SIGTERM (pre-emption); the loop checkpoints and returns."""
+    """Pre-emption: SIGTERM makes the loop checkpoint and return.
+
+    On one process a SIGTERM handler sets the flag. With several processes,
+    JAX's coordination service owns SIGTERM and agrees on one step at which
+    every process stops (``reached_preemption_sync_point``), so that all of
+    them take part in the same final save.
+    """
 
     def __init__(self):
         self.set = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
+
+    def should_stop(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+            self.set = self.set or multihost_utils.reached_preemption_sync_point(step)
+        return self.set
 
     def _handle(self, signum, frame):
         self.set = True
@@ -200,7 +213,7 @@ def train(config: ml_collections.ConfigDict, task: Task, workdir: str) -> TrainR
     try:
         with _StopFlag() as stop:
             while step < tc.steps:
-                if stop.set:
+                if stop.should_stop(step):
                     preempted = True
                     break
                 batch = put_batch(first if step == start else task.make_batch(step), mesh)
