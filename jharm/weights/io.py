@@ -166,5 +166,6 @@ def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str, metadata: 
     """Write ``state_dict`` to ``path`` atomically (contiguous float arrays)."""
     from safetensors.numpy import save
 
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
+    # order="C", not ascontiguousarray: the latter turns 0-d scalars (logit_scale) into shape (1,).
+    arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}
     atomic_write_bytes(path, save(arrays, metadata=metadata))
