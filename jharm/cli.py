@@ -59,6 +59,30 @@ def _cmd_train(subparsers) -> None:
     parser.set_defaults(handler=handler)
 
 
+def _cmd_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write Flax params (e.g. a fine-tuned UNet) as a diffusers/transformers model folder")
+    parser.add_argument("--kind", required=True, choices=("unet", "vae", "clip_text"))
+    parser.add_argument("--params", required=True,
+                        help="params.safetensors written by `jharm train` (a/b/c keys) or a flax .msgpack file")
+    parser.add_argument("--base", required=True, help="the model folder the params came from (its config.json)")
+    parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
+
+    def handler(args):
+        from jharm.weights.diffusers import export_params_file
+        from jharm.weights.io import WeightsError
+
+        try:
+            path = export_params_file(args.kind, args.params, args.base, args.out)
+        except (WeightsError, ValueError) as err:
+            print(f"jharm export: {err}", file=sys.stderr)
+            return 1
+        print(f"jharm export: wrote {path}")
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jharm",

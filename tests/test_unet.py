@@ -220,3 +220,27 @@ def test_sd_sized_parity(tmp_path, cfg):
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
           f"(before loading {rss_before / 2**20:.2f} GiB)")
     assert err <= 1e-4
+
+
+def test_cli_export_from_train_params_file(tmp_path, tiny_b):
+    """`jharm export` takes the train loop's params.safetensors (a/b/c keys, with IP params) and a base folder."""
+    from jharm.cli import main
+    from jharm.weights.io import save_safetensors
+
+    _, _, variables, config, _ = tiny_b
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(config.to_diffusers_config()))
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    ip_key = "params/mid_block/attentions_0/transformer_blocks_0/attn2/to_k_ip/kernel"
+    flat[ip_key] = np.zeros((TINY_B["cross_attention_dim"], 32), np.float32)  # trained IP params are dropped
+    save_safetensors({k: np.asarray(v) for k, v in flat.items()}, str(tmp_path / "params.safetensors"))
+    args = ["export", "--kind", "unet", "--params", str(tmp_path / "params.safetensors"), "--base", str(base),
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    _, again, _ = load_unet(str(tmp_path / "out"))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(variables)))
+    del flat["params/conv_in/bias"]
+    flat["params/conv_out/bias"] = np.zeros(3, np.float32)
+    save_safetensors({k: np.asarray(v) for k, v in flat.items()}, str(tmp_path / "params.safetensors"))
+    assert main(args) == 1

@@ -157,3 +157,74 @@ def export_vae(config, params, out_dir: str) -> str:
     from jharm.models.vae import KEY_FN
 
     return _export_folder(out_dir, config.to_diffusers_config(), _float32_state_dict(_params_tree(params), KEY_FN))
+
+
+def read_flax_params(path: str) -> dict:
+    """A Flax param tree from ``path``: the train loop's ``params.safetensors``
+    (``a/b/c`` keys) or a ``flax.serialization`` ``.msgpack`` file. A leading
+    ``params`` level (a variables dict) is removed."""
+    if path.endswith(".msgpack"):
+        from flax import serialization
+
+        if not os.path.isfile(path):
+            raise WeightsError(f"params file not found: {path}")
+        with open(path, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+    else:
+        tree = traverse_util.unflatten_dict(load_state_dict(path), sep="/")
+    return tree["params"] if set(tree) == {"params"} else tree
+
+
+def check_params(params, template, source: str) -> None:
+    """Raise WeightsError naming every missing/unexpected path and shape mismatch."""
+    have = traverse_util.flatten_dict(params, sep="/")
+    want = traverse_util.flatten_dict(template, sep="/")
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: expected {tuple(want[k].shape)}, found {tuple(np.shape(have[k]))}"
+                 for k in sorted(set(want) & set(have)) if tuple(want[k].shape) != tuple(np.shape(have[k]))]
+    if problems:
+        raise WeightsError(f"{source}: params do not fit the model config ({len(problems)} problems): "
+                           + "; ".join(problems[:20]))
+
+
+EXPORT_KINDS = ("unet", "vae", "clip_text")
+
+
+def export_params_file(kind: str, params_path: str, base: str, out_dir: str) -> str:
+    """Export a Flax params file as a diffusers/transformers folder (``jharm export``).
+
+    ``base`` is the model folder the params were converted from (its
+    ``config.json`` fixes the architecture); the params are shape-checked
+    against it first. ``kind``: ``unet`` (IP-Adapter params dropped), ``vae``
+    or ``clip_text``. Returns the written folder.
+    """
+    params = read_flax_params(params_path)
+    raw = read_json(os.path.join(base, "config.json"))
+    if kind == "unet":
+        from jharm.models.unet import UNet2DConditionModel, UNetConfig
+
+        config = UNetConfig.from_diffusers_config(raw)
+        params = strip_ip_params(params)
+        module = UNet2DConditionModel(config)
+        template = jax.eval_shape(lambda r: module.init_params(r, context_len=1), jax.random.key(0))["params"]
+        check_params(params, template, params_path)
+        return export_unet(config, params, out_dir)
+    if kind == "vae":
+        from jharm.models.vae import AutoencoderKL, VAEConfig
+
+        config = VAEConfig.from_diffusers_config(raw)
+        module = AutoencoderKL(config)
+        size = 2 ** (len(config.block_out_channels) - 1)
+        template = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, size, size, config.in_channels))),
+                                  jax.random.key(0))["params"]
+        check_params(params, template, params_path)
+        return export_vae(config, params, out_dir)
+    if kind == "clip_text":
+        from jharm.models.clip import CLIPTextConfig, CLIPTextModel
+        from jharm.weights.clip import export_clip_text_model
+
+        config = CLIPTextConfig.from_hf(raw, with_projection="text_projection" in params)
+        check_params(params, jax.eval_shape(CLIPTextModel(config).init_params, jax.random.key(0)), params_path)
+        return export_clip_text_model(config, params, out_dir)
+    raise ValueError(f"unknown export kind {kind!r} (choose from {', '.join(EXPORT_KINDS)})")
