@@ -83,6 +83,47 @@ def _cmd_export(subparsers) -> None:
     parser.set_defaults(handler=handler)
 
 
+def _cmd_convert(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="convert a local transformers/diffusers folder to a Flax params checkpoint")
+    parser.add_argument("--src", required=True, help="local model folder (config.json + weights)")
+    parser.add_argument("--out", required=True, help="output folder: params.safetensors ('/'-joined Flax paths) + jharm.json")
+    parser.add_argument("--kind", required=True, help="clip_text | clip_vision | clip | unet | vae | pipeline")
+
+    def handler(args):
+        from jharm.weights.flax_checkpoint import convert_folder
+        from jharm.weights.io import WeightsError
+
+        try:
+            out, num_params = convert_folder(args.kind, args.src, args.out)
+        except (WeightsError, ValueError, FileNotFoundError) as err:
+            print(f"jharm convert: {err}", file=sys.stderr)
+            return 1
+        print(f"jharm convert: {args.kind} with {num_params:,} params -> {out}")
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
+def _cmd_demo(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="run the main jobs on the embedded defaults (ShapesWorld)")
+    parser.add_argument("names", nargs="*", help="which demos (default: all of jharm.demo.DEFAULT)")
+    parser.add_argument("--out", default="runs/demo", help="output folder for reports and image grids")
+    parser.add_argument("--seed", type=int, default=0)
+
+    def handler(args):
+        from jharm import demo
+
+        try:
+            demo.run(args.names or demo.DEFAULT, args.out, args.seed)
+        except ValueError as err:
+            print(f"jharm demo: {err}", file=sys.stderr)
+            return 2
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jharm",
