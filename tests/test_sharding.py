@@ -1,6 +1,8 @@
 """Sharding is real: on 8 simulated CPU devices, data-parallel (8), FSDP (2x4)
 and FSDP+tensor (2x2x2) runs give the losses of a 1-device run, and the params
-sit on the devices with the shardings the rules promise.
+sit on the devices with the shardings the rules promise -- for the tiny
+conv+attention model and for jharm's SD UNet (placement only: compiling SD
+UNet train steps for four meshes does not fit the CPU test budget).
 
 The 8-device runs happen in a subprocess (this file run as a script), because
 ``--xla_force_host_platform_device_count`` must be set before JAX starts and the
@@ -51,6 +53,61 @@ def run_on_8_devices(workdir: str, out: str) -> None:
         json.dump(report, f)
 
 
+UNET_LEAVES = {  # SD UNet (width 16/32) params -> (spec, per-device shard) under fsdp_tp on 2x2x2
+    "params/conv_in/kernel": ([None, None, None, "tensor"], [3, 3, 3, 8]),                        # 3x3x3x16
+    "params/down_blocks_1/resnets_0/conv1/kernel": ([None, None, "fsdp", "tensor"], [3, 3, 8, 16]),  # 3x3x16x32
+    "params/down_blocks_1/resnets_0/conv_shortcut/kernel": ([None, None, "fsdp", "tensor"], [1, 1, 8, 16]),
+    "params/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel": (["fsdp", "tensor"], [8, 8]),
+    "params/down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k/kernel": (["fsdp", "tensor"], [8, 8]),
+    "params/mid_block/attentions_0/transformer_blocks_0/attn2/to_v/kernel": (["fsdp", "tensor"], [8, 16]),
+    "params/mid_block/attentions_0/transformer_blocks_0/attn1/to_out_0/kernel": (["tensor", "fsdp"], [16, 16]),
+    "params/mid_block/attentions_0/transformer_blocks_0/ff/net_2/kernel": (["tensor", "fsdp"], [64, 16]),
+    "params/mid_block/attentions_0/transformer_blocks_0/ff/net_0/proj/kernel": (["fsdp", "tensor"], [16, 128]),
+    "params/mid_block/attentions_0/transformer_blocks_0/attn1/to_out_0/bias": ([None], [32]),
+}
+
+
+def place_unet_on_8_devices(out: str) -> None:
+    """Subprocess body: initialise the tiny SD UNet straight into its fsdp_tp shardings
+    (eval_shape -> shardings -> jit(init, out_shardings)) and record where each leaf landed."""
+    from flax import traverse_util
+
+    from jharm import config as config_lib
+    from jharm.train.mesh import make_mesh
+    from jharm.train.sharding import tree_shardings
+    from jharm.train.tasks import make_task
+
+    config = config_lib.get(CONFIG, overrides("fsdp_tp", MESHES["fsdp_tp"]) + ["task.model=unet"])
+    task, mesh = make_task(config), make_mesh(config.mesh)
+    key = jax.random.key(0)
+    shardings = tree_shardings(jax.eval_shape(task.init_params, key), mesh, "fsdp_tp")
+    params = traverse_util.flatten_dict(jax.jit(task.init_params, out_shardings=shardings)(key), sep="/")
+    report = {name: {"spec": [list(a) if isinstance(a, tuple) else a for a in params[name].sharding.spec],
+                     "shard": list(params[name].addressable_shards[0].data.shape),
+                     "devices": len(params[name].sharding.device_set)} for name in UNET_LEAVES}
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+def run_script(mode: str, tmp_path, out) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, __file__, mode, str(tmp_path), str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_sd_unet_params_land_on_their_fsdp_tp_shardings(tmp_path):
+    report = run_script("unet", tmp_path, tmp_path / "unet.json")
+    for name, (spec, shard) in UNET_LEAVES.items():
+        got = report[name]
+        assert got["devices"] == 8, (name, got)
+        assert padded(got["spec"], len(spec)) == spec, (name, got)
+        assert got["shard"] == shard, (name, got)
+
+
 def padded(spec, rank):
     return list(spec) + [None] * (rank - len(spec))
 
@@ -61,13 +118,7 @@ def test_dp_fsdp_tp_match_one_device_and_shard_for_real(tmp_path):
     from jharm.train.loop import train
     from jharm.train.tasks import make_task
 
-    out = tmp_path / "report.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    report = run_script("train", tmp_path, tmp_path / "report.json")
 
     single = config_lib.get(CONFIG, overrides("dp", (1, 1, 1)))
     reference = train(single, make_task(single), str(tmp_path / "single")).losses
@@ -107,4 +158,7 @@ def test_dp_fsdp_tp_match_one_device_and_shard_for_real(tmp_path):
 
 if __name__ == "__main__":
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py does
-    run_on_8_devices(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "train":
+        run_on_8_devices(sys.argv[2], sys.argv[3])
+    else:
+        place_unet_on_8_devices(sys.argv[3])

@@ -1,8 +1,11 @@
-"""Example task "denoise_tiny": DDPM epsilon training of a tiny conv+attention
-model on synthetic images, small enough to run on a laptop CPU.
+"""Example task "denoise_tiny": DDPM epsilon training of a tiny model on
+synthetic images, small enough to run on a laptop CPU.
 
+``config.task.model`` picks the network: "tiny" (a conv + self-attention
+model with diffusers-style names) or "unet" (jharm's SD
+``UNet2DConditionModel`` at a tiny size, conditioned on a random context).
 It exercises everything the engine offers (conv kernels, attention
-projections named like diffusers', a schedule, per-step batches) and is what
+projections, a schedule, per-step batches) and is what
 ``configs/train_tiny.py`` and the engine tests train. All randomness (images,
 noise, timesteps) is drawn in ``make_batch`` from the step number, so the loss
 is a deterministic function of (params, batch): gradient accumulation then
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jharm.config import ConfigError
 from jharm.diffusion.schedules import add_noise, make_schedule, training_target
 from jharm.train.task import Task
 
@@ -93,34 +97,53 @@ def synthetic_images(rng: np.random.Generator, n: int, size: int, channels: int)
 
 def default_task_config() -> ml_collections.ConfigDict:
     """``config.task`` for this task."""
-    return ml_collections.ConfigDict(dict(name="denoise_tiny", image_size=16, channels=3, width=32, heads=2,
-                                          num_train_timesteps=1000, beta_schedule="linear",
+    return ml_collections.ConfigDict(dict(name="denoise_tiny", model="tiny", image_size=16, channels=3, width=32,
+                                          heads=2, context_len=4, num_train_timesteps=1000, beta_schedule="linear",
                                           prediction_type="epsilon", data_seed=0))
+
+
+def tiny_unet(channels: int, width: int, heads: int):
+    """SD's UNet2DConditionModel with two levels (cross-attention in both) at ``width``/``2*width``."""
+    from jharm.models.unet import UNet2DConditionModel, UNetConfig
+
+    return UNet2DConditionModel(UNetConfig(
+        sample_size=None, in_channels=channels, out_channels=channels, block_out_channels=(width, 2 * width),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=width, attention_head_dim=width // heads))
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:
     """Factory registered as "denoise_tiny"."""
     tc = config.task
-    model = TinyDenoiser(width=tc.width, heads=tc.heads, out_channels=tc.channels)
+    if tc.model not in ("tiny", "unet"):
+        raise ConfigError(f"config.task.model: {tc.model!r} is not 'tiny' or 'unet'")
+    unet = tc.model == "unet"
+    model = (tiny_unet(tc.channels, tc.width, tc.heads) if unet
+             else TinyDenoiser(width=tc.width, heads=tc.heads, out_channels=tc.channels))
+
+    def predict(params, x_t, t, context):
+        return model.apply(params, x_t, t, context) if unet else model.apply(params, x_t, t)
+
     beta_start, beta_end = (0.0001, 0.02) if tc.beta_schedule == "linear" else (0.00085, 0.012)
     schedule = make_schedule(tc.beta_schedule, tc.num_train_timesteps, beta_start, beta_end,
                              prediction_type=tc.prediction_type)
     size, channels, batch_size = tc.image_size, tc.channels, config.train.batch_size
 
     def init_params(rng):
-        x = jnp.zeros((1, size, size, channels), jnp.float32)
-        return model.init(rng, x, jnp.zeros((1,), jnp.int32))
+        x, t = jnp.zeros((1, size, size, channels), jnp.float32), jnp.zeros((1,), jnp.int32)
+        return model.init(rng, x, t, jnp.zeros((1, tc.context_len, tc.width))) if unet else model.init(rng, x, t)
 
     def make_batch(step):
         rng = np.random.default_rng([tc.data_seed, step])
         return {"x0": synthetic_images(rng, batch_size, size, channels),
                 "noise": rng.standard_normal((batch_size, size, size, channels)).astype(np.float32),
-                "t": rng.integers(0, tc.num_train_timesteps, size=(batch_size,)).astype(np.int32)}
+                "t": rng.integers(0, tc.num_train_timesteps, size=(batch_size,)).astype(np.int32),
+                "context": rng.standard_normal((batch_size, tc.context_len, tc.width)).astype(np.float32)}
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng  # the batch carries all randomness
         x_t = add_noise(schedule, batch["x0"], batch["noise"], batch["t"])
-        pred = model.apply(params, x_t, batch["t"])
+        pred = predict(params, x_t, batch["t"], batch["context"])
         target = training_target(schedule, batch["x0"], batch["noise"], batch["t"])
         loss = jnp.mean((pred - target) ** 2)
         return loss, {"mse": loss}
