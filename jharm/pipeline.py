@@ -89,3 +89,14 @@ def load_pipeline(path: str, *, dtype: str = "float32", remat: bool = False, ip_
         pipe.unet_config, pipe.unet_params = pipe.ip_adapter.merge(unet_config, unet_params)
         pipe.unet = UNet2DConditionModel(pipe.unet_config)
     return pipe
+
+
+def pipeline_params(path: str) -> dict:
+    """``{"unet", "vae", "text_encoder"[, "image_encoder"]}`` bare param trees of a
+    local SD folder (the ``pipeline`` kind of ``jharm convert``)."""
+    pipe = load_pipeline(path)
+    out = {"unet": pipe.unet_params["params"], "vae": pipe.vae_params["params"],
+           "text_encoder": pipe.text_encoder_params["params"]}
+    if pipe.image_encoder_params is not None:
+        out["image_encoder"] = pipe.image_encoder_params["params"]
+    return out

@@ -11,7 +11,7 @@ from diffusers_utils import max_abs, nchw, nhwc
 from jharm.models.ip_adapter import IPAdapter, load_ip_adapter
 from jharm.weights.diffusers import export_unet, load_unet
 from jharm.weights.io import WeightsError
-from test_unet import TINY_A, inputs, make_torch_unet
+from test_unet import MICRO, inputs, make_torch_unet
 
 N_TOKENS, EMBED_DIM = 4, 10
 
@@ -36,7 +36,7 @@ def official_state_dict(unet, seed=0):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ip")
-    ref = make_torch_unet(folder / "unet", TINY_A, seed=3)
+    ref = make_torch_unet(folder / "unet", MICRO, seed=3)
     state = official_state_dict(ref)
     torch.save(state, folder / "ip-adapter_sd15.bin")
     save_file({f"{group}.{k}": v for group, d in state.items() for k, v in d.items()},
@@ -66,7 +66,7 @@ def test_ip_adapter_parity_with_diffusers(setup):
     from jharm.models.unet import UNet2DConditionModel
 
     ip_unet = UNet2DConditionModel(ip_config)
-    x, t, ctx = inputs(TINY_A)
+    x, t, ctx = inputs(MICRO)
     embeds = np.random.default_rng(5).standard_normal((2, EMBED_DIM)).astype(np.float32)
     tokens = jax.jit(adapter.image_tokens)(embeds)
 

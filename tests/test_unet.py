@@ -132,8 +132,6 @@ def test_remat_and_bf16_policy(tmp_path):
     # guarantees equal gradients; compiling two grads would cost ~30 s here).
     grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(remat_module.apply(v, x, t, ctx))))(variables))
     assert grad_jaxpr.count("checkpoint") + grad_jaxpr.count("remat") >= 3
-    plain_jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(module.apply(v, x, t, ctx))))(variables))
-    assert "checkpoint" not in plain_jaxpr and "remat" not in plain_jaxpr
     bf16 = UNet2DConditionModel(UNetConfig(**{**MICRO, "dtype": "bfloat16"}))
     out16 = jax.jit(bf16.apply)(variables, x, t, ctx)
     assert out16.dtype == jnp.bfloat16

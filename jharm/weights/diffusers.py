@@ -46,8 +46,8 @@ def _to_device(flat: dict) -> dict:
 
 def _convert(state_dict, module, init_fn, key_fn, source: str):
     template = jax.eval_shape(init_fn, jax.random.key(0))["params"]
-    params = torch_to_flax(state_dict, template, key_fn, source=source)
-    return {"params": _to_device(traverse_util.flatten_dict(params))}
+    flat = traverse_util.flatten_dict(torch_to_flax(state_dict, template, key_fn, source=source))
+    return {"params": _to_device(flat)}  # the flat dict holds the only references: freed leaf by leaf
 
 
 def load_unet(folder: str, **overrides):
