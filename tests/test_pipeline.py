@@ -84,3 +84,16 @@ def test_load_pipeline_with_ip_adapter_and_errors(sd_folder, tmp_path):
     (tmp_path / "tokenizer").mkdir()
     with pytest.raises(WeightsError, match=r"missing sub-folders: vae/, text_encoder/, scheduler/"):
         jharm.load_pipeline(str(tmp_path))
+
+
+def test_convert_pipeline_kind(sd_folder, tmp_path):
+    """`jharm convert --kind pipeline` writes every component's params in one file."""
+    from jharm.weights.diffusers import read_flax_params
+    from jharm.weights.flax_checkpoint import convert_folder
+
+    root, torch_unet, _ = sd_folder
+    out, count = convert_folder("pipeline", str(root), str(tmp_path / "flax"))
+    params = read_flax_params(f"{out}/params.safetensors")
+    assert set(params) == {"unet", "vae", "text_encoder", "image_encoder"} and count > 0
+    expected = torch_unet.state_dict()["conv_in.weight"].numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(params["unet"]["conv_in"]["kernel"], expected)
