@@ -209,6 +209,14 @@ def train(config: ml_collections.ConfigDict, task: Task, workdir: str) -> TrainR
         writer.message(f"resumed from step {latest} ({ckpt.directory})")
     config_json = config.to_json_best_effort()
     losses, pending, last = [], [], {}
+
+    def flush(window):
+        """Fetch a window of step metrics, record losses, stop on NaN/Inf, log the newest."""
+        records = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(window)]
+        losses.extend(m["loss"] for _, m in records)
+        _check_finite(records, ckpt)
+        return writer.write(records[-1][0] + 1, records[-1][1])
+
     step, saved, preempted = start, latest, False
     try:
         with _StopFlag() as stop:
@@ -221,19 +229,13 @@ def train(config: ml_collections.ConfigDict, task: Task, workdir: str) -> TrainR
                 step += 1
                 pending.append((step - 1, metrics))
                 if step % tc.log_every == 0 or step % tc.ckpt_every == 0 or step == tc.steps:
-                    records = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+                    last = flush(pending)  # also the NaN check, before anything of this window is saved
                     pending = []
-                    losses += [m["loss"] for _, m in records]
-                    _check_finite(records, ckpt)  # before anything of this window is saved
-                    last = writer.write(step, records[-1][1])
                 if step % tc.ckpt_every == 0:
                     ckpt.save(step, state, config_json)
                     saved = step
             if pending:  # stopped between log points
-                records = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
-                losses += [m["loss"] for _, m in records]
-                _check_finite(records, ckpt)
-                last = writer.write(step, records[-1][1])
+                last = flush(pending)
             if saved != step:
                 ckpt.save(step, state, config_json)
             ckpt.wait()
