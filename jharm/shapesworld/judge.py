@@ -58,8 +58,7 @@ def _module(config=None) -> JudgeNet:
 def judge_task_config() -> ml_collections.ConfigDict:
     """The ``config.task`` section of a judge training run (see ``configs/shapesworld_judge.py``)."""
     c = ml_collections.ConfigDict()
-    # Resolved by jharm.train.tasks as "module:function".
-    c.name = "jharm.shapesworld.judge:judge_task"
+    c.name = "shapesworld_judge"  # registered in jharm.train.tasks
     c.channels = (8, 16, 32)
     c.features = 128
     c.data_seed = 0
