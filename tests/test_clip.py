@@ -1,5 +1,4 @@
 """Flax CLIP towers vs transformers on the same random weights, through the public loaders."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

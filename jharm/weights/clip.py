@@ -8,8 +8,6 @@ keys are ignored), or a single weight file plus a config. Never downloads.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -18,7 +16,7 @@ import numpy as np
 
 from jharm.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from jharm.weights.convert import default_key_fn, flax_to_torch, torch_to_flax
-from jharm.weights.io import WeightsError, atomic_write_json, find_weights_file, load_state_dict, read_json, save_safetensors
+from jharm.weights.io import WeightsError, find_weights_file, load_state_dict, read_json, write_model_folder
 
 KEY_FN = default_key_fn({"layers"})
 _WEIGHT_STEMS = ("model", "pytorch_model")
@@ -93,20 +91,7 @@ def load_clip_model(path: str, *, dtype: str = "float32"):
 
 
 def _write_folder(out_dir: str, config: dict, state_dict: dict) -> str:
-    """Write config.json + model.safetensors into a temp dir, then rename into place."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".export-")
-    try:
-        atomic_write_json(os.path.join(staging, "config.json"), config)
-        save_safetensors(state_dict, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return write_model_folder(out_dir, config, state_dict, "model.safetensors", metadata={"format": "pt"})
 
 
 def _float32(params: Any) -> Any:

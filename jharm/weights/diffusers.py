@@ -11,8 +11,6 @@ sibling folder and renamed into place, so a crash never leaves a partial model.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +20,10 @@ from flax import traverse_util
 from jharm.weights.convert import flax_to_torch, torch_to_flax
 from jharm.weights.io import (
     WeightsError,
-    atomic_write_json,
     find_weights_file,
     load_state_dict,
     read_json,
-    save_safetensors,
+    write_model_folder,
 )
 
 WEIGHT_STEMS = ("diffusion_pytorch_model",)
@@ -115,24 +112,7 @@ def _params_tree(variables):
 
 
 def _export_folder(out_dir: str, config_dict: dict, state_dict: dict) -> str:
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
-    try:
-        atomic_write_json(os.path.join(tmp, "config.json"), config_dict)
-        save_safetensors(state_dict, os.path.join(tmp, WEIGHT_STEMS[0] + ".safetensors"))
-        if os.path.exists(out_dir):  # replace: move the old one aside first, delete it after
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old-")
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return write_model_folder(out_dir, config_dict, state_dict, WEIGHT_STEMS[0] + ".safetensors")
 
 
 def _float32_state_dict(params, key_fn) -> dict:

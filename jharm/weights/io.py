@@ -169,3 +169,33 @@ def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str, metadata: 
     # order="C", not ascontiguousarray: the latter turns 0-d scalars (logit_scale) into shape (1,).
     arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}
     atomic_write_bytes(path, save(arrays, metadata=metadata))
+
+
+def write_model_folder(out_dir: str, config: dict, state_dict: Mapping[str, np.ndarray], weights_name: str,
+                       metadata: dict | None = None) -> str:
+    """Write ``config.json`` + ``weights_name`` (safetensors) as a model folder, atomically.
+
+    Built in a temporary sibling folder and renamed into place; an existing
+    folder is moved aside first and deleted after, so a crash leaves either the
+    old folder or the complete new one, never a partial model.
+    """
+    import shutil
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    try:
+        atomic_write_json(os.path.join(tmp, "config.json"), config)
+        save_safetensors(state_dict, os.path.join(tmp, weights_name), metadata=metadata)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old-")
+            os.rename(out_dir, os.path.join(old, "previous"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
