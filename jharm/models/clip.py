@@ -30,8 +30,28 @@ def _activation(name: str):
     raise ValueError(f"unsupported CLIP hidden_act {name!r} (quick_gelu, gelu, gelu_new)")
 
 
+class _HFConfig:
+    """transformers config.json <-> dataclass; ``with_projection`` and ``dtype`` are jharm's own."""
+
+    _SECTION = ""  # a CLIPModel config nests this tower's fields under this key
+    _MODEL_TYPE = ""
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], **overrides):
+        """From a tower's ``config.json`` or a CLIPModel's (its ``text_config``/``vision_config``)."""
+        config = dict(config.get(cls._SECTION, config))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.items() if k in fields}
+        values.update(overrides)
+        return cls(**values)
+
+    def to_hf(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("with_projection", "dtype")}
+        return dict(out, model_type=self._MODEL_TYPE)
+
+
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(_HFConfig):
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -44,23 +64,12 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     with_projection: bool = False
     dtype: str = "float32"
-
-    @classmethod
-    def from_hf(cls, config: Mapping[str, Any], **overrides) -> "CLIPTextConfig":
-        """From a transformers ``config.json`` (a text config or a CLIPModel's ``text_config``)."""
-        config = dict(config.get("text_config", config))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if k in fields}
-        values.update(overrides)
-        return cls(**values)
-
-    def to_hf(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("with_projection", "dtype")}
-        return dict(out, model_type="clip_text_model")
+    _SECTION = "text_config"
+    _MODEL_TYPE = "clip_text_model"
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(_HFConfig):
     image_size: int = 224
     patch_size: int = 32
     num_channels: int = 3
@@ -73,18 +82,8 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
     with_projection: bool = False
     dtype: str = "float32"
-
-    @classmethod
-    def from_hf(cls, config: Mapping[str, Any], **overrides) -> "CLIPVisionConfig":
-        config = dict(config.get("vision_config", config))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if k in fields}
-        values.update(overrides)
-        return cls(**values)
-
-    def to_hf(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("with_projection", "dtype")}
-        return dict(out, model_type="clip_vision_model")
+    _SECTION = "vision_config"
+    _MODEL_TYPE = "clip_vision_model"
 
 
 class CLIPAttention(nn.Module):
