@@ -5,6 +5,7 @@ model-specific ``key_fn`` (Flax param path -> PyTorch key). Layout transforms
 are decided by the Flax leaf name and rank, the same for every model:
 
 * ``kernel`` rank 4: PyTorch conv OIHW -> Flax HWIO,
+* ``kernel`` rank 3: PyTorch conv1d OIW -> Flax WIO,
 * ``kernel`` rank 2: PyTorch linear (out, in) -> Flax (in, out),
 * ``scale`` / ``embedding``: PyTorch ``weight``, unchanged,
 * anything else (``bias``, raw params such as ``class_embedding``): unchanged.
@@ -55,6 +56,8 @@ def default_key_fn(list_names: Iterable[str] = ()) -> KeyFn:
 
 
 def torch_to_flax_leaf(path: ParamPath, value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel" and value.ndim == 3:  # conv1d; OIW <-> WIO is its own inverse
+        return np.ascontiguousarray(value.transpose(2, 1, 0))
     if path[-1] == "kernel" and value.ndim == 4:
         return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
     if path[-1] == "kernel" and value.ndim == 2:
@@ -63,6 +66,8 @@ def torch_to_flax_leaf(path: ParamPath, value: np.ndarray) -> np.ndarray:
 
 
 def flax_to_torch_leaf(path: ParamPath, value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel" and value.ndim == 3:  # conv1d; OIW <-> WIO is its own inverse
+        return np.ascontiguousarray(value.transpose(2, 1, 0))
     if path[-1] == "kernel" and value.ndim == 4:
         return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
     if path[-1] == "kernel" and value.ndim == 2:

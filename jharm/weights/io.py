@@ -77,6 +77,9 @@ def _flatten_torch_object(obj, path: str, prefix: str = "") -> dict[str, np.ndar
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
             out.update(_flatten_torch_object(value, path, f"{prefix}{key}."))
+    elif isinstance(obj, (list, tuple)):  # e.g. an EMA's shadow_params: keys "<prefix><i>"
+        for index, value in enumerate(obj):
+            out.update(_flatten_torch_object(value, path, f"{prefix}{index}."))
     elif isinstance(obj, (int, float, str, type(None))):
         pass  # metadata such as "epoch"; not weights
     else:
