@@ -20,6 +20,7 @@ TaskFactory = Callable[[ml_collections.ConfigDict], Task]
 # name -> "module:function"
 _REGISTRY: dict[str, str] = {
     "denoise_tiny": "jharm.train.tasks.denoise_tiny:make_task",
+    "erasure": "jharm.train.tasks.erasure:make_task",
     "shapesworld_judge": "jharm.shapesworld.judge:judge_task",
 }
 
