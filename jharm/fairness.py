@@ -1,0 +1,363 @@
+"""Fairness for text-to-image models (METHODS.md §2): prompts, attribute
+centroids with provenance, two-stage (LightFair) sampling, and the baselines'
+glue (UCE-debias α iteration, debias-VL, Fair Diffusion).
+
+A :class:`TextToImage` bundles what these need: a CLIP text encoder (+ its
+tokenizer), a denoiser with the SD UNet's call signature, a schedule and an
+optional latent decoder. Every sampling entry point computes the text contexts
+ONCE per prompt and runs the scanned sampler of ``jharm.diffusion.samplers``.
+
+Two-stage sampling (LightFair): steps whose model timestep is ``t >= tau``
+use the ORIGINAL encoder's context, steps with ``t < tau`` the DEBIASED one.
+So ``tau = 0`` is the original model and ``tau = T`` (1000) the debiased one.
+(Issue 7's sentence "τ = 0 equals the debiased encoder, τ = T the original"
+has these endpoints swapped relative to METHODS.md; jharm follows METHODS.md.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import os
+import string
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jharm.diffusion import samplers
+from jharm.diffusion.guidance import CFG
+
+PyTree = Any
+CENTROID_FORMAT = "jharm-fairness-centroids-v1"
+
+
+class FairnessError(ValueError):
+    """Bad fairness input: attributes, templates, centroid files; the message says which."""
+
+
+# --- prompts and attributes -----------------------------------------------------
+
+def check_attributes(attributes: Sequence[str], what: str = "attributes") -> tuple[str, ...]:
+    """At least two distinct, non-empty attribute names (a one-element list cannot be balanced)."""
+    if isinstance(attributes, str):
+        raise FairnessError(f"{what} must be a list of names, found the string {attributes!r}")
+    attrs = tuple(str(a).strip() for a in attributes)
+    if len(attrs) < 2:
+        raise FairnessError(f"{what} needs at least two attributes to balance, found {list(attrs)}")
+    if any(not a for a in attrs) or len(set(attrs)) != len(attrs):
+        raise FairnessError(f"{what} must be distinct non-empty names, found {list(attrs)}")
+    return attrs
+
+
+def combine_attributes(groups: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """Intersectional attributes (gender x race): the product of groups, words joined by a space."""
+    groups = [check_attributes(g, f"attribute group {i}") for i, g in enumerate(groups)]
+    return tuple(" ".join(p) for p in itertools.product(*groups))
+
+
+def fill_template(template: str, required: Sequence[str], **values: str) -> str:
+    """``template.format(**values)`` after checking it has every ``required`` placeholder."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise FairnessError(f"malformed prompt template {template!r}: {err}") from None
+    missing = [f for f in required if f not in fields]
+    if missing:
+        raise FairnessError(f"prompt template {template!r} has no placeholder "
+                            + ", ".join("{" + m + "}" for m in missing))
+    unknown = fields - set(values)
+    if unknown:
+        raise FairnessError(f"prompt template {template!r}: no value for " + ", ".join("{" + u + "}" for u in sorted(unknown)))
+    return template.format(**values)
+
+
+def neutral_prompt(template: str, concept: str, field: str = "concept") -> str:
+    """"Photo portrait of a {concept}, a person" -> the concept's neutral prompt."""
+    return fill_template(template, (field,), **{field: concept})
+
+
+def attribute_prompt(template: str, concept: str, attribute: str, field: str = "concept") -> str:
+    """"Photo portrait of a {attribute} {concept}, a person" -> the prompt naming the attribute."""
+    return fill_template(template, (field, "attribute"), **{field: concept, "attribute": attribute})
+
+
+def read_list(path: str) -> tuple[str, ...]:
+    """A user-supplied list (occupations, ...): one item a line, '#' comments and blank lines skipped."""
+    if not os.path.isfile(path):
+        raise FairnessError(f"list file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        items = tuple(line.split("#", 1)[0].strip() for line in f)
+    items = tuple(i for i in items if i)
+    if not items:
+        raise FairnessError(f"{path} lists no items")
+    return items
+
+
+# --- models -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextToImage:
+    """A text-to-image model as the fairness code sees it.
+
+    ``text_model``: jharm CLIPTextModel (context = ``last_hidden_state``; with a
+    projection its ``text_embeds`` are emb_T). ``unet``: a module applied as
+    ``unet.apply(unet_params, x, t, context)``. ``decode``: latents -> images in
+    [0, 1] (None: pixel space, images = (x + 1) / 2). ``identity``: provenance
+    string (folder path or a params fingerprint) checked against centroid files.
+    """
+
+    text_model: Any
+    text_params: PyTree
+    tokenizer: Any
+    unet: Any
+    unet_params: PyTree
+    schedule: Any
+    sample_shape: tuple[int, int, int]
+    identity: str
+    decode: Callable[[jax.Array], jax.Array] | None = None
+
+
+def fingerprint(params: PyTree) -> str:
+    """A short sha256 over a param tree's names, shapes, dtypes and values (provenance identity)."""
+    h = hashlib.sha256()
+    for name, leaf in sorted(traverse_util.flatten_dict(jax.device_get(params), sep="/").items()):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{name}:{arr.shape}:{arr.dtype};".encode())
+        h.update(arr.tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_text(text_model):
+    return jax.jit(lambda params, ids: text_model.apply({"params": params}, ids))
+
+
+def encode(model: TextToImage, prompts: Sequence[str], text_params: PyTree = None) -> dict[str, np.ndarray]:
+    """Text-encoder outputs for prompts: ``context`` (N, L, D), ``pooled`` (N, D), ``embeds`` (N, P) if projected."""
+    ids = jnp.asarray(model.tokenizer(list(prompts)))
+    out = _jitted_text(model.text_model)(model.text_params if text_params is None else text_params, ids)
+    res = {"context": out["last_hidden_state"], "pooled": out["pooler_output"], "ids": ids}
+    if "text_embeds" in out:
+        res["embeds"] = out["text_embeds"]
+    return res
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run_sampler(unet, decode, unet_params, plan, x_T, contexts, late_contexts, tau, guidance):
+    def model_fn(x, t, ctx):
+        return unet.apply(unet_params, x, t, ctx)
+
+    kwargs = {} if late_contexts is None else dict(late_contexts=late_contexts, switch_t=tau)
+    x = samplers.sample(model_fn, plan, x_T, contexts, guidance=guidance, **kwargs)
+    return decode(x) if decode is not None else jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def initial_noise(model: TextToImage, seed: int, n: int) -> jax.Array:
+    """The x_T of images 0..n-1 of a seed: image i's noise depends only on (seed, i)."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
+    return jax.vmap(lambda k: jax.random.normal(k, model.sample_shape, jnp.float32))(keys)
+
+
+def generate(model: TextToImage, prompts: Sequence[str], *, seed: int, num_steps: int = 50,
+             guidance_scale: float = 7.5, text_params: PyTree = None, late_text_params: PyTree = None,
+             tau: float | None = None, context_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+             guidance: Any = None, extra_prompts: Sequence[str] = (), batch_size: int = 64,
+             method: str = "ddim") -> np.ndarray:
+    """Images (N, H, W, 3) in [0, 1], one per prompt (repeat a prompt for several images).
+
+    Image i starts from :func:`initial_noise` ``(seed, i)``, so runs that differ
+    only in the encoder or τ start from the same noise (CLIP-I pairs). Rows:
+    [∅, prompt, *extra_prompts] (extra rows feed e.g. Fair Diffusion's edit
+    concepts via ``guidance``). ``context_fn`` transforms the prompt row's
+    context (debias-VL). Two-stage: with ``late_text_params``, steps with model
+    timestep ``t >= tau`` read ``text_params`` (default: the model's original
+    encoder), steps with ``t < tau`` read ``late_text_params``. The contexts
+    are computed once per prompt, before the scan.
+    """
+    prompts = list(prompts)
+    if late_text_params is not None and tau is None:
+        raise FairnessError("two-stage sampling needs tau (steps with t >= tau use the original encoder)")
+    plan = samplers.make_plan(model.schedule, method, num_steps)
+    guidance = CFG(guidance_scale) if guidance is None else guidance
+
+    def rows(params):
+        unique = sorted(set(prompts))
+        ctx = encode(model, ["", *unique, *extra_prompts], params)["context"]
+        cond = ctx[1:1 + len(unique)]
+        if context_fn is not None:
+            cond = jnp.asarray(context_fn(np.asarray(cond)))
+        index = jnp.asarray([unique.index(p) for p in prompts])
+        per = [jnp.broadcast_to(ctx[0], (len(prompts),) + ctx.shape[1:]), cond[index]]
+        per += [jnp.broadcast_to(ctx[1 + len(unique) + e], (len(prompts),) + ctx.shape[1:])
+                for e in range(len(extra_prompts))]
+        return jnp.stack(per)  # (rows, N, L, D)
+
+    early = rows(text_params)
+    late = None if late_text_params is None else rows(late_text_params)
+    x_T = initial_noise(model, seed, len(prompts))
+    tau_arr = jnp.asarray(0.0 if tau is None else tau, jnp.float32)
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        sl = slice(s, s + batch_size)
+        pad = batch_size - len(prompts[sl]) if len(prompts) > batch_size else 0
+
+        def chunk(a, axis):
+            a = jax.lax.slice_in_dim(a, s, min(s + batch_size, a.shape[axis]), axis=axis)
+            if pad:
+                widths = [(0, 0)] * a.ndim
+                widths[axis] = (0, pad)
+                a = jnp.pad(a, widths)
+            return a
+
+        g = guidance
+        if hasattr(g, "directions"):
+            g = dataclasses.replace(g, directions=chunk(g.directions, 0))
+        imgs = _run_sampler(model.unet, model.decode, model.unet_params, plan, chunk(x_T, 0), chunk(early, 1),
+                            None if late is None else chunk(late, 1), tau_arr, g)
+        out.append(np.asarray(imgs)[:len(prompts[sl])])
+    return np.concatenate(out)
+
+
+# --- attribute centroids ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class Centroids:
+    """μ per (concept, attribute): ``values`` (C, A, D), L2-normalised image-embedding means."""
+
+    values: np.ndarray
+    concepts: tuple[str, ...]
+    attributes: tuple[str, ...]
+    provenance: dict
+
+    def check(self, generator: str | None = None, encoder: str | None = None, source: str = "centroids") -> None:
+        """Refuse centroids made for another generator or image encoder."""
+        for key, want in (("generator", generator), ("image_encoder", encoder)):
+            have = self.provenance.get(key)
+            if want is not None and have != want:
+                raise FairnessError(f"{source} were made for {key} {have!r}, not {want!r}: regenerate them with "
+                                    f"`jharm fair centroids` for this model")
+
+
+def compute_centroids(model: TextToImage, image_embed: Callable[[np.ndarray], np.ndarray], concepts: Sequence[str],
+                      attributes: Sequence[str], attribute_template: str, *, num_images: int = 32, seed: int = 0,
+                      encoder_identity: str, num_steps: int = 50, guidance_scale: float = 7.5,
+                      concept_field: str = "concept", batch_size: int = 64, progress: bool = True) -> Centroids:
+    """Generate ``num_images`` per (concept, attribute) with the original model, embed them
+    with the frozen image tower (``image_embed``: images in [0, 1] -> (N, D)),
+    L2-normalise and average. Seeded: image j of pair (c, a) uses seed
+    ``seed + pair index``."""
+    attributes = check_attributes(attributes)
+    from tqdm import tqdm
+
+    values = []
+    pairs = [(c, a) for c in concepts for a in attributes]
+    for k, (concept, attr) in enumerate(tqdm(pairs, desc="centroids", disable=not progress)):
+        prompt = attribute_prompt(attribute_template, concept, attr, concept_field)
+        images = generate(model, [prompt] * num_images, seed=seed + k, num_steps=num_steps,
+                          guidance_scale=guidance_scale, batch_size=batch_size)
+        emb = np.asarray(image_embed(images), np.float64)
+        emb /= np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+        values.append(emb.mean(axis=0))
+    values = np.asarray(values, np.float32).reshape(len(concepts), len(attributes), -1)
+    provenance = dict(generator=model.identity, image_encoder=encoder_identity, num_images=num_images, seed=seed,
+                      num_steps=num_steps, guidance_scale=guidance_scale, template=attribute_template)
+    return Centroids(values, tuple(concepts), attributes, provenance)
+
+
+def save_centroids(path: str, centroids: Centroids) -> str:
+    """One safetensors file; concepts, attributes and provenance in its metadata (atomic)."""
+    from jharm.weights.io import save_safetensors
+
+    meta = {"format": CENTROID_FORMAT, "concepts": json.dumps(list(centroids.concepts)),
+            "attributes": json.dumps(list(centroids.attributes)), "provenance": json.dumps(centroids.provenance)}
+    save_safetensors({"centroids": np.asarray(centroids.values, np.float32)}, path, metadata=meta)
+    return path
+
+
+def load_centroids(path: str, *, generator: str | None = None, encoder: str | None = None) -> Centroids:
+    """Read a centroid file and (if given) refuse one made for another generator/encoder."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FairnessError(f"centroid file not found: {path}")
+    with safe_open(path, framework="np") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CENTROID_FORMAT or "centroids" not in f.keys():
+            raise FairnessError(f"{path} is not a jharm centroid file (metadata format {meta.get('format')!r}, "
+                                f"expected {CENTROID_FORMAT!r})")
+        values = f.get_tensor("centroids")
+    out = Centroids(values, tuple(json.loads(meta["concepts"])), tuple(json.loads(meta["attributes"])),
+                    json.loads(meta["provenance"]))
+    if values.shape[:2] != (len(out.concepts), len(out.attributes)):
+        raise FairnessError(f"{path}: centroids have shape {values.shape}, expected "
+                            f"({len(out.concepts)}, {len(out.attributes)}, D)")
+    out.check(generator, encoder, f"centroids in {path}")
+    return out
+
+
+# --- baselines ----------------------------------------------------------------------------
+
+def word_embedding(model: TextToImage, prompts: Sequence[str], text_params: PyTree = None) -> np.ndarray:
+    """Encoder output at each prompt's last word token (the token before EOS): UCE's c and e_a."""
+    out = encode(model, prompts, text_params)
+    eos = np.asarray(model.tokenizer.eos_positions(np.asarray(out["ids"])))
+    ctx = np.asarray(out["context"])
+    return ctx[np.arange(len(prompts)), np.maximum(eos - 1, 1)]
+
+
+def uce_debias(unet_params: PyTree, concept_emb: np.ndarray, attribute_emb: np.ndarray,
+               measure: Callable[[PyTree], np.ndarray], target: Sequence[float] | None = None, *,
+               rounds: int = 30, tol: float = 0.05, step: float = 1.0, preserve: np.ndarray | None = None,
+               lam: float = 0.5, preserve_scale: float = 1.0):
+    """UCE-debias with the α iteration (METHODS.md §2).
+
+    Each round edits the ORIGINAL ``unet_params`` so that concept c reads like
+    ``c + Σ_a α_{c,a} e_a`` (``jharm.edits.uce.apply_uce``), measures the
+    attribute frequencies ``measure(params) -> (C, A)`` and moves
+    ``α += step · (π − f)``, until ``max |f − π| <= tol`` or ``rounds`` rounds.
+
+    Args:
+      concept_emb: (C, D) concept token embeddings; attribute_emb: (A, D).
+    Returns:
+      (params, alphas (C, A), history: list of per-round dicts with alphas, frequencies, gap).
+    """
+    from jharm.edits.uce import apply_uce
+
+    concept_emb, attribute_emb = np.asarray(concept_emb, np.float64), np.asarray(attribute_emb, np.float64)
+    num_attr = attribute_emb.shape[0]
+    if num_attr < 2:
+        raise FairnessError(f"UCE-debias needs at least two attribute embeddings, found {num_attr}")
+    target = np.full(num_attr, 1.0 / num_attr) if target is None else np.asarray(target, np.float64)
+    alphas = np.zeros((concept_emb.shape[0], num_attr))
+    history, params = [], unet_params
+    for r in range(int(rounds)):
+        guide = concept_emb + alphas @ attribute_emb
+        params = unet_params if not alphas.any() else apply_uce(unet_params, concept_emb, guide, preserve, lam=lam,
+                                                                preserve_scale=preserve_scale)
+        freqs = np.asarray(measure(params), np.float64).reshape(concept_emb.shape[0], num_attr)
+        gap = float(np.abs(freqs - target).max())
+        history.append({"round": r, "alphas": alphas.tolist(), "frequencies": freqs.tolist(), "gap": gap})
+        if gap <= tol:
+            break
+        alphas = alphas + step * (target - freqs)
+    return params, alphas, history
+
+
+def debias_vl_projection(model: TextToImage, concepts: Sequence[str], attributes: Sequence[str],
+                         attribute_template: str, lam: float = 500.0, concept_field: str = "concept") -> np.ndarray:
+    """debias-VL's P from pooled EOS embeddings of every pair of attribute prompts of every concept."""
+    from jharm.edits.debias_vl import debias_projection
+
+    attributes = check_attributes(attributes)
+    a_prompts, b_prompts = [], []
+    for concept in concepts:
+        for i, j in itertools.combinations(range(len(attributes)), 2):
+            a_prompts.append(attribute_prompt(attribute_template, concept, attributes[i], concept_field))
+            b_prompts.append(attribute_prompt(attribute_template, concept, attributes[j], concept_field))
+    pooled = np.asarray(encode(model, a_prompts + b_prompts)["pooled"])
+    return debias_projection(pooled[:len(a_prompts)], pooled[len(a_prompts):], lam)
