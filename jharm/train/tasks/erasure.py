@@ -201,6 +201,21 @@ def image_embeddings(vision, vision_params, images: np.ndarray, batch_size: int 
                            for i in range(0, len(pixels), batch_size)])
 
 
+def merge_unet_weights(variables, unet_folder: str):
+    """``variables`` with every weight of the diffusers UNet folder ``unet_folder``
+    (e.g. an ESD export) put in; extra leaves (merged IP-Adapter layers) are kept."""
+    from jharm.weights.diffusers import load_unet
+
+    _, other, _ = load_unet(unet_folder)
+    flat = traverse_util.flatten_dict(variables)
+    new = traverse_util.flatten_dict(other)
+    for key, value in new.items():
+        if key in flat and flat[key].shape != value.shape:
+            raise ConfigError(f"{unet_folder}: {'/'.join(key)} has shape {value.shape}, expected {flat[key].shape}")
+    flat.update(new)
+    return traverse_util.unflatten_dict(flat)
+
+
 def sd_model(config: ml_collections.ConfigDict) -> ErasureModel:
     """An :class:`ErasureModel` from the local diffusers SD folder ``config.task.model_path``.
 
@@ -209,7 +224,7 @@ def sd_model(config: ml_collections.ConfigDict) -> ErasureModel:
     """
     from jharm.diffusion.schedules import from_scheduler_config
     from jharm.pipeline import load_pipeline
-    from jharm.weights.diffusers import export_unet, load_unet
+    from jharm.weights.diffusers import export_unet
 
     tc = config.task
     co = tc.method == "co_erasing"
@@ -222,11 +237,7 @@ def sd_model(config: ml_collections.ConfigDict) -> ErasureModel:
     pipe = load_pipeline(tc.model_path, ip_adapter=tc.ip_adapter or None, image_encoder=tc.image_encoder or None)
     params = pipe.unet_params
     if tc.stage1_unet:
-        _, stage1, _ = load_unet(tc.stage1_unet)
-        # Keep the merged IP-Adapter layers; every UNet weight comes from stage 1.
-        flat = traverse_util.flatten_dict(params)
-        flat.update(traverse_util.flatten_dict(stage1))
-        params = traverse_util.unflatten_dict(flat)
+        params = merge_unet_weights(params, tc.stage1_unet)
     prompts = encode_prompts(pipe.tokenizer, pipe.text_encoder, pipe.text_encoder_params, [concept_prompt(tc), ""])
     tokens = None
     if co:
