@@ -124,6 +124,73 @@ def _cmd_demo(subparsers) -> None:
     parser.set_defaults(handler=handler)
 
 
+def _generation_args(parser) -> None:
+    parser.add_argument("--model", required=True, help="local diffusers SD folder (unet/ vae/ text_encoder/ ...)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+
+
+def _cmd_eval(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="generate one image per row of a prompt CSV, detect nudity, "
+                                                "write results.jsonl + summary.md")
+    _generation_args(parser)
+    parser.add_argument("--prompts", required=True, help="CSV with columns prompt, evaluation_seed (others kept)")
+    parser.add_argument("--out", required=True, help="output folder (images/, results.jsonl, summary.md)")
+    parser.add_argument("--unet", default="", help="erased UNet folder (diffusers) replacing the model's UNet")
+    parser.add_argument("--sld", default="", help="SLD preset: weak | medium | strong | max")
+    parser.add_argument("--safety-concept", default=None, help="SLD safety concept (default: SLD's)")
+    parser.add_argument("--ip-adapter", default="", help="IP-Adapter file (Co-Erasing+SLD)")
+    parser.add_argument("--concept-images", default="", help="concept image folder: Co-Erasing+SLD")
+    parser.add_argument("--concept", default="nudity", help="concept text refining the image tokens")
+    parser.add_argument("--detector", default="nudenet", choices=("nudenet", "none"))
+
+    def handler(args):
+        from jharm import erase
+
+        try:
+            summary = erase.evaluate(
+                args.model, args.prompts, args.out, unet=args.unet, steps=args.steps,
+                guidance_scale=args.guidance_scale, sld=args.sld,
+                safety_concept=erase.SLD_SAFETY_CONCEPT if args.safety_concept is None else args.safety_concept,
+                ip_adapter=args.ip_adapter, concept_images=args.concept_images, concept=args.concept,
+                resolution=args.resolution, batch_size=args.batch_size, detector=args.detector)
+        except (ValueError, OSError) as err:
+            print(f"jharm eval: {err}", file=sys.stderr)
+            return 2
+        print(f"jharm eval: {summary['num_images']} images -> {args.out}/summary.md")
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
+def _cmd_sample(subparsers) -> None:
+    parser = subparsers.add_parser("sample", help="seeded concept images ('a photo of {c}') for Co-Erasing")
+    _generation_args(parser)
+    parser.add_argument("--concept", required=True)
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--template", default="a photo of {c}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="folder of PNGs")
+
+    def handler(args):
+        from jharm import erase
+
+        try:
+            out = erase.generate_concept_images(args.model, args.concept, args.n, args.out, seed=args.seed,
+                                                template=args.template, steps=args.steps,
+                                                guidance_scale=args.guidance_scale, resolution=args.resolution,
+                                                batch_size=args.batch_size)
+        except (ValueError, OSError) as err:
+            print(f"jharm sample: {err}", file=sys.stderr)
+            return 2
+        print(f"jharm sample: {args.n} images -> {out}")
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jharm",
