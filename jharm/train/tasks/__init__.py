@@ -21,6 +21,7 @@ TaskFactory = Callable[[ml_collections.ConfigDict], Task]
 _REGISTRY: dict[str, str] = {
     "denoise_tiny": "jharm.train.tasks.denoise_tiny:make_task",
     "erasure": "jharm.train.tasks.erasure:make_task",
+    "lightfair": "jharm.train.tasks.fairness:make_task",
     "shapesworld_judge": "jharm.shapesworld.judge:judge_task",
 }
 
