@@ -263,7 +263,7 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     if tc.source == "sd":
         return build_task(config, sd_model(config))
     if tc.source == "shapesworld":
-        from jharm.erase import shapesworld_model
+        from jharm.erase_demo import shapesworld_model
 
         return build_task(config, shapesworld_model(config))
     raise ConfigError(f"config.task.source: {tc.source!r} is not 'sd' or 'shapesworld'")

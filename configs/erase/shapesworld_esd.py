@@ -1,0 +1,9 @@
+"""ESD-u erasing "star" from the shipped ShapesWorld T2I model (CPU-sized)::
+
+    jharm train --config=configs/erase/shapesworld_esd.py --workdir=runs/sw_esd
+"""
+from jharm.erase_demo import DEMO, erase_config
+
+
+def get_config():
+    return erase_config("esd", DEMO["esd_steps"], DEMO["batch_size"], DEMO["lr"], DEMO["train_sample_steps"])
