@@ -14,6 +14,7 @@ import numpy as np
 
 DEMOS: dict[str, str] = {
     "clip": "jharm.demo:clip_round_trip",
+    "erase": "jharm.erase_demo:erase_scorecard",
 }
 DEFAULT: tuple[str, ...] = ("clip",)
 
