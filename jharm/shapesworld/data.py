@@ -12,6 +12,8 @@ import zlib
 
 import numpy as np
 
+from jharm.diffusion.corruptions import pool_downsample as downsample  # noqa: F401 (re-export)
+from jharm.diffusion.corruptions import upsample_nearest
 from jharm.shapesworld import captions, render
 from jharm.shapesworld.world import geometry, world_config
 
@@ -54,19 +56,6 @@ def caption_batch(seed: int, step: int, batch_size: int, config=None) -> dict[st
 
 def _colour_words() -> frozenset[str]:
     return frozenset(w for forms in captions.COLOUR_FORMS.values() for w in forms)
-
-
-def downsample(images: np.ndarray, factor: int = 4) -> np.ndarray:
-    """factor x factor average pooling of NHWC images (the 4x super-resolution degradation)."""
-    n, h, w, c = images.shape
-    if h % factor or w % factor:
-        raise ValueError(f"image size {h}x{w} is not divisible by the pooling factor {factor}")
-    return images.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
-
-
-def upsample_nearest(images: np.ndarray, factor: int = 4) -> np.ndarray:
-    """Nearest-neighbour upsampling of NHWC images by an integer factor."""
-    return np.repeat(np.repeat(images, factor, axis=1), factor, axis=2)
 
 
 def pair_batch(seed: int, step: int, batch_size: int, config=None, factor: int = 4) -> dict[str, np.ndarray]:
