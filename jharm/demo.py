@@ -15,6 +15,7 @@ import numpy as np
 DEMOS: dict[str, str] = {
     "clip": "jharm.demo:clip_round_trip",
     "erase": "jharm.erase_demo:erase_scorecard",
+    "fair": "jharm.fair_demo:fair_scorecard",
 }
 DEFAULT: tuple[str, ...] = ("clip",)
 

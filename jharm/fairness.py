@@ -204,7 +204,7 @@ def generate(model: TextToImage, prompts: Sequence[str], *, seed: int, num_steps
     out = []
     for s in range(0, len(prompts), batch_size):
         sl = slice(s, s + batch_size)
-        pad = batch_size - len(prompts[sl]) if len(prompts) > batch_size else 0
+        pad = batch_size - len(prompts[sl])  # every chunk has one shape: one compile per run
 
         def chunk(a, axis):
             a = jax.lax.slice_in_dim(a, s, min(s + batch_size, a.shape[axis]), axis=axis)
@@ -215,8 +215,11 @@ def generate(model: TextToImage, prompts: Sequence[str], *, seed: int, num_steps
             return a
 
         g = guidance
-        if hasattr(g, "directions"):
-            g = dataclasses.replace(g, directions=chunk(g.directions, 0))
+        if hasattr(g, "directions"):  # per-image Fair Diffusion signs follow the images
+            if g.directions.shape[0] < len(prompts):
+                raise FairnessError(f"guidance has directions for {g.directions.shape[0]} images, "
+                                    f"{len(prompts)} requested")
+            g = dataclasses.replace(g, directions=chunk(g.directions[:len(prompts)], 0))
         imgs = _run_sampler(model.unet, model.decode, model.unet_params, plan, chunk(x_T, 0), chunk(early, 1),
                             None if late is None else chunk(late, 1), tau_arr, g)
         out.append(np.asarray(imgs)[:len(prompts[sl])])
