@@ -124,6 +124,32 @@ def _cmd_demo(subparsers) -> None:
     parser.set_defaults(handler=handler)
 
 
+def _cmd_fair(subparsers) -> None:
+    parser = subparsers.add_parser("fair", help="fairness tools: `jharm fair centroids` (LightFair attribute centroids)")
+    sub = parser.add_subparsers(dest="fair_command", metavar="FAIR_COMMAND", required=True)
+    cent = sub.add_parser("centroids", help="generate attribute images with the original model, embed them with "
+                                            "the frozen CLIP image tower, save centroids with provenance")
+    cent.add_argument("--config", required=True, help="configs/fair/sd15.py[:attribute]; then --config.key=value")
+    cent.add_argument("--out", required=True, help="centroid file (.safetensors)")
+
+    def handler(args):
+        from jharm import config as config_lib
+        from jharm import fairness
+
+        try:
+            config = config_lib.get(args.config, args.config_overrides)
+            if "fair" not in config:
+                raise ConfigError(f"{args.config} has no `fair` section (see configs/fair/sd15.py)")
+            path = fairness.centroids_from_config(config, args.out)
+        except (ValueError, OSError) as err:
+            print(f"jharm fair centroids: {err}", file=sys.stderr)
+            return 2
+        print(f"jharm fair centroids: -> {path}")
+        return 0
+
+    cent.set_defaults(handler=handler)
+
+
 def _generation_args(parser) -> None:
     parser.add_argument("--model", required=True, help="local diffusers SD folder (unet/ vae/ text_encoder/ ...)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")

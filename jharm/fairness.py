@@ -76,13 +76,27 @@ def fill_template(template: str, required: Sequence[str], **values: str) -> str:
     return template.format(**values)
 
 
-def neutral_prompt(template: str, concept: str, field: str = "concept") -> str:
-    """"Photo portrait of a {concept}, a person" -> the concept's neutral prompt."""
+def concept_field(template: str) -> str:
+    """The template's concept placeholder: its one field other than {attribute} ({concept}, {occupation}, ...)."""
+    try:
+        fields = [n for _, n, _, _ in string.Formatter().parse(template) if n is not None and n != "attribute"]
+    except ValueError as err:
+        raise FairnessError(f"malformed prompt template {template!r}: {err}") from None
+    if len(set(fields)) != 1:
+        raise FairnessError(f"prompt template {template!r} needs exactly one concept placeholder such as "
+                            f"{{concept}} or {{occupation}}, found {sorted(set(fields)) or 'none'}")
+    return fields[0]
+
+
+def neutral_prompt(template: str, concept: str, field: str | None = None) -> str:
+    """"Photo portrait of a {occupation}, a person" -> the concept's neutral prompt."""
+    field = field or concept_field(template)
     return fill_template(template, (field,), **{field: concept})
 
 
-def attribute_prompt(template: str, concept: str, attribute: str, field: str = "concept") -> str:
-    """"Photo portrait of a {attribute} {concept}, a person" -> the prompt naming the attribute."""
+def attribute_prompt(template: str, concept: str, attribute: str, field: str | None = None) -> str:
+    """"Photo portrait of a {attribute} {occupation}, a person" -> the prompt naming the attribute."""
+    field = field or concept_field(template)
     return fill_template(template, (field, "attribute"), **{field: concept, "attribute": attribute})
 
 
@@ -147,14 +161,13 @@ def encode(model: TextToImage, prompts: Sequence[str], text_params: PyTree = Non
     return res
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _run_sampler(unet, decode, unet_params, plan, x_T, contexts, late_contexts, tau, guidance):
+@functools.partial(jax.jit, static_argnums=(0,))
+def _run_sampler(unet, unet_params, plan, x_T, contexts, late_contexts, tau, guidance):
     def model_fn(x, t, ctx):
         return unet.apply(unet_params, x, t, ctx)
 
     kwargs = {} if late_contexts is None else dict(late_contexts=late_contexts, switch_t=tau)
-    x = samplers.sample(model_fn, plan, x_T, contexts, guidance=guidance, **kwargs)
-    return decode(x) if decode is not None else jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+    return samplers.sample(model_fn, plan, x_T, contexts, guidance=guidance, **kwargs)
 
 
 def initial_noise(model: TextToImage, seed: int, n: int) -> jax.Array:
@@ -220,8 +233,9 @@ def generate(model: TextToImage, prompts: Sequence[str], *, seed: int, num_steps
                 raise FairnessError(f"guidance has directions for {g.directions.shape[0]} images, "
                                     f"{len(prompts)} requested")
             g = dataclasses.replace(g, directions=chunk(g.directions[:len(prompts)], 0))
-        imgs = _run_sampler(model.unet, model.decode, model.unet_params, plan, chunk(x_T, 0), chunk(early, 1),
-                            None if late is None else chunk(late, 1), tau_arr, g)
+        x = _run_sampler(model.unet, model.unet_params, plan, chunk(x_T, 0), chunk(early, 1),
+                         None if late is None else chunk(late, 1), tau_arr, g)
+        imgs = model.decode(x) if model.decode is not None else jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
         out.append(np.asarray(imgs)[:len(prompts[sl])])
     return np.concatenate(out)
 
@@ -249,7 +263,7 @@ class Centroids:
 def compute_centroids(model: TextToImage, image_embed: Callable[[np.ndarray], np.ndarray], concepts: Sequence[str],
                       attributes: Sequence[str], attribute_template: str, *, num_images: int = 32, seed: int = 0,
                       encoder_identity: str, num_steps: int = 50, guidance_scale: float = 7.5,
-                      concept_field: str = "concept", batch_size: int = 64, progress: bool = True) -> Centroids:
+                      concept_field: str | None = None, batch_size: int = 64, progress: bool = True) -> Centroids:
     """Generate ``num_images`` per (concept, attribute) with the original model, embed them
     with the frozen image tower (``image_embed``: images in [0, 1] -> (N, D)),
     L2-normalise and average. Seeded: image j of pair (c, a) uses seed
@@ -352,7 +366,7 @@ def uce_debias(unet_params: PyTree, concept_emb: np.ndarray, attribute_emb: np.n
 
 
 def debias_vl_projection(model: TextToImage, concepts: Sequence[str], attributes: Sequence[str],
-                         attribute_template: str, lam: float = 500.0, concept_field: str = "concept") -> np.ndarray:
+                         attribute_template: str, lam: float = 500.0, concept_field: str | None = None) -> np.ndarray:
     """debias-VL's P from pooled EOS embeddings of every pair of attribute prompts of every concept."""
     from jharm.edits.debias_vl import debias_projection
 
@@ -364,3 +378,59 @@ def debias_vl_projection(model: TextToImage, concepts: Sequence[str], attributes
             b_prompts.append(attribute_prompt(attribute_template, concept, attributes[j], concept_field))
     pooled = np.asarray(encode(model, a_prompts + b_prompts)["pooled"])
     return debias_projection(pooled[:len(a_prompts)], pooled[len(a_prompts):], lam)
+
+
+# --- real models (SD folders, CLIP image towers) -------------------------------------------
+
+def sd_text_to_image(path: str, resolution: int = 512, dtype: str = "float32") -> TextToImage:
+    """A local diffusers SD folder as a :class:`TextToImage` (VAE decode jitted on its own)."""
+    from jharm.diffusion.schedules import from_scheduler_config
+    from jharm.pipeline import load_pipeline
+
+    pipe = load_pipeline(path, dtype=dtype)
+    down = 2 ** (len(pipe.vae_config.block_out_channels) - 1)
+    vae, scale = pipe.vae, pipe.vae_scaling_factor
+    decode_jit = jax.jit(lambda p, z: jnp.clip(vae.apply(p, z / scale, method=vae.decode) / 2 + 0.5, 0.0, 1.0))
+    return TextToImage(pipe.text_encoder, pipe.text_encoder_params, pipe.tokenizer, pipe.unet, pipe.unet_params,
+                       from_scheduler_config(pipe.scheduler_config),
+                       (resolution // down, resolution // down, pipe.unet_config.in_channels),
+                       identity=os.path.abspath(path), decode=lambda z: decode_jit(pipe.vae_params, z))
+
+
+def clip_image_embedder(folder: str, batch_size: int = 16):
+    """``(images [0, 1] -> (N, D) image_embeds, identity)`` of a local CLIP (vision tower + projection):
+    bicubic resize to the tower's size and CLIP normalisation."""
+    from jharm.train.tasks.erasure import CLIP_MEAN, CLIP_STD
+    from jharm.weights.clip import load_clip_vision_model
+
+    module, params, cfg = load_clip_vision_model(folder)
+    if not cfg.with_projection:
+        raise FairnessError(f"{folder} has no visual_projection: centroids live in CLIP's joint space")
+    size = cfg.image_size
+
+    @jax.jit
+    def embed(x):
+        x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "bicubic")
+        return module.apply({"params": params}, (x - CLIP_MEAN) / CLIP_STD)["image_embeds"]
+
+    def run(images):
+        images = np.asarray(images, np.float32)
+        return np.concatenate([np.asarray(embed(jnp.asarray(images[i:i + batch_size])))
+                               for i in range(0, len(images), batch_size)])
+    return run, os.path.abspath(folder)
+
+
+def centroids_from_config(config, out: str) -> str:
+    """``jharm fair centroids``: generate, embed and save the centroids a config's ``fair`` section describes."""
+    f = config.fair
+    concepts = read_list(f.concepts_file) if f.concepts_file else tuple(f.concepts)
+    if not concepts:
+        raise FairnessError("config.fair: give concepts or concepts_file (e.g. an occupations list)")
+    attributes = combine_attributes(f.attributes) if f.attributes and not isinstance(f.attributes[0], str) \
+        else check_attributes(f.attributes)
+    model = sd_text_to_image(f.model, f.resolution)
+    embed, encoder = clip_image_embedder(f.clip)
+    cents = compute_centroids(model, embed, concepts, attributes, config.task.attribute_template,
+                              num_images=f.num_images, seed=f.seed, encoder_identity=encoder, num_steps=f.steps,
+                              guidance_scale=f.guidance_scale, batch_size=f.batch_size)
+    return save_centroids(out, cents)

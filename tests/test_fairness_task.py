@@ -119,8 +119,12 @@ def test_bad_attributes_and_templates(tmp_path):
         fairness.check_attributes(["male", "male"])
     with pytest.raises(fairness.FairnessError, match="list of names"):
         fairness.check_attributes("female")
-    with pytest.raises(fairness.FairnessError, match=r"no placeholder \{concept\}"):
+    with pytest.raises(fairness.FairnessError, match="needs exactly one concept placeholder"):
         fairness.neutral_prompt("Photo portrait of a person", "doctor")
+    with pytest.raises(fairness.FairnessError, match=r"no placeholder \{occupation\}"):
+        fairness.fill_template("Photo portrait of a person", ("occupation",))
+    assert fairness.neutral_prompt("Photo portrait of a {occupation}, a person", "nurse") == \
+        "Photo portrait of a nurse, a person"
     with pytest.raises(fairness.FairnessError, match=r"\{attribute\}"):
         fairness.attribute_prompt("Photo portrait of a {concept}", "doctor", "female")
     assert fairness.attribute_prompt("Photo portrait of a {attribute} {concept}, a person", "doctor", "female") \
@@ -136,3 +140,19 @@ def test_bad_attributes_and_templates(tmp_path):
     save_safetensors({"x": np.zeros(2, np.float32)}, str(bad))
     with pytest.raises(fairness.FairnessError, match="not a jharm centroid file"):
         fairness.load_centroids(str(bad))
+
+
+def test_cli_centroids_bad_input(tmp_path, capsys):
+    from jharm.cli import main
+
+    out = str(tmp_path / "c.safetensors")
+    assert main(["fair", "centroids", "--config", "configs/fair/sd15.py:gender", "--out", out]) == 2
+    assert "concepts" in capsys.readouterr().err
+    assert main(["fair", "centroids", "--config", "configs/fair/sd15.py:gender", "--out", out,
+                 "--config.fair.concepts=('doctor',)", "--config.fair.attributes=('female',)"]) == 2
+    assert "at least two attributes" in capsys.readouterr().err
+    occ = tmp_path / "occ.txt"
+    occ.write_text("doctor\n")
+    assert main(["fair", "centroids", "--config", "configs/fair/sd15.py:gender", "--out", out,
+                 f"--config.fair.concepts_file={occ}", f"--config.fair.model={tmp_path / 'missing'}"]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -52,6 +52,43 @@ def default_task_config() -> ml_collections.ConfigDict:
     ))
 
 
+SD_ATTRIBUTES = {
+    "gender": ("female", "male"),
+    "race": ("asian", "black", "indian", "white"),
+    "age": ("young", "middle-aged", "old"),
+    # intersectional: a list of groups, combined as their product ("female asian", ...)
+    "gender_race": (("female", "male"), ("asian", "black", "indian", "white")),
+}
+SD_NEUTRAL = "Photo portrait of a {occupation}, a person"
+SD_ATTRIBUTE = "Photo portrait of a {attribute} {occupation}, a person"
+
+
+def sd_config(resolution: int, attribute: str = "gender") -> ml_collections.ConfigDict:
+    """A full SD LightFair config (train + ``fair`` section for `jharm fair centroids`); configs/fair/sd*.py."""
+    from jharm.train.defaults import base_config
+
+    if attribute not in SD_ATTRIBUTES:
+        raise ValueError(f"unknown attribute set {attribute!r}; choose one of {', '.join(SD_ATTRIBUTES)}")
+    c = base_config()
+    c.train.update(steps=1000, batch_size=8, log_every=20, ckpt_every=200)
+    c.optim.update(name="adam", lr=1e-5, warmup_steps=50, clip_norm=1.0)
+    c.task = default_task_config()
+    c.task.update(neutral_template=SD_NEUTRAL, attribute_template=SD_ATTRIBUTE, lambda_q=1.0, lambda_r=0.1,
+                  keep_prompts=("a photo of a mountain landscape", "a bowl of fruit on a table",
+                                "a red car parked on a street"))
+    # `jharm fair centroids` reads this section; the train loop ignores it.
+    c.fair = ml_collections.ConfigDict(dict(
+        model="",              # local diffusers folder (set with --config.fair.model=...)
+        clip="",                 # local CLIP folder (vision tower + projections), e.g. clip-vit-large-patch14
+        concepts=(),             # or concepts_file: one occupation a line (user-supplied)
+        concepts_file="",
+        attributes=SD_ATTRIBUTES[attribute],
+        num_images=32, seed=0, steps=50, guidance_scale=7.5, resolution=resolution, batch_size=4,
+        tau=600,                 # two-stage sampling: original encoder for t >= tau, debiased below
+    ))
+    return c
+
+
 def _tokenizer(spec: str, folder: str):
     from jharm.tokenizer import CLIPTokenizer
 
