@@ -23,6 +23,9 @@ _REGISTRY: dict[str, str] = {
     "erasure": "jharm.train.tasks.erasure:make_task",
     "lightfair": "jharm.train.tasks.fairness:make_task",
     "shapesworld_judge": "jharm.shapesworld.judge:judge_task",
+    "shapesworld_clip": "jharm.shapesworld.tasks:clip_task",
+    "shapesworld_t2i": "jharm.shapesworld.tasks:t2i_task",
+    "shapesworld_ip": "jharm.shapesworld.tasks:ip_task",
 }
 
 

@@ -1,0 +1,20 @@
+"""Train the ShapesWorld tiny IP-Adapter (image projection + to_k_ip/to_v_ip) on the frozen T2I UNet.
+
+Needs ``--config.task.clip_dir`` and ``--config.task.t2i_dir``; run by
+``jharm shapesworld build`` as its last stage.
+"""
+from jharm.shapesworld.tasks import ip_task_config
+from jharm.train.defaults import base_config
+
+
+def get_config():
+    config = base_config()
+    config.train.steps = 60
+    config.train.batch_size = 32
+    config.train.log_every = 20
+    config.train.ckpt_every = 60
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 20
+    config.optim.schedule = "cosine"
+    config.task = ip_task_config()
+    return config
