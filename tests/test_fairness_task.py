@@ -86,6 +86,7 @@ def test_lightfair_full_trains_only_the_text_encoder(setup, tmp_path):
     assert np.abs(np.asarray(ours["text_embeds"]) - ref).max() < 1e-4
 
 
+@pytest.mark.slow  # a second run through the loop; the full-mode test covers the fast path
 def test_lightfair_lora(setup, tmp_path):
     config = _config(setup, mode="lora", steps=10)
     result = train(config, make_task(config), str(tmp_path))
