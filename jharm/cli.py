@@ -150,6 +150,42 @@ def _cmd_fair(subparsers) -> None:
     cent.set_defaults(handler=handler)
 
 
+def _cmd_shapesworld(subparsers) -> None:
+    parser = subparsers.add_parser("shapesworld", help="ShapesWorld models: build (retrain + write assets) | report")
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="retrain judge, tiny CLIP, T2I and IP-Adapter from scratch (seeded)")
+    build.add_argument("--out", default=None, help="asset folder (default: the package's shapesworld/assets)")
+    build.add_argument("--workdir", default="runs/shapesworld_build", help="checkpoints and logs (use a fresh one)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--stages", nargs="*", default=None, help="judge clip t2i ip_adapter (default: all)")
+    build.add_argument("--no-report", action="store_true", help="skip measuring the gates after training")
+    rep = sub.add_parser("report", help="measure the quality gates on an asset folder and print them")
+    rep.add_argument("--assets", default=None, help="asset folder (default: the shipped one)")
+    rep.add_argument("--samples-per-prompt", type=int, default=2, help="T2I samples per colour-shape prompt")
+    rep.add_argument("--samples-per-synonym", type=int, default=1)
+    rep.add_argument("--samples-neutral", type=int, default=32, help="samples per neutral prompt of a biased shape")
+    rep.add_argument("--ip-samples", type=int, default=32)
+    rep.add_argument("--write", action="store_true", help="store the metrics in the folder's manifest")
+
+    def handler(args):
+        from jharm.shapesworld import assets, build as build_lib, report as report_lib
+
+        try:
+            if args.action == "build":
+                build_lib.build(args.out, seed=args.seed, workdir=args.workdir,
+                                stages=tuple(args.stages or build_lib.STAGES), report=not args.no_report)
+            else:
+                report_lib.report(args.assets, write=args.write, per_prompt=args.samples_per_prompt,
+                                  per_synonym=args.samples_per_synonym, per_neutral=args.samples_neutral,
+                                  ip_samples=args.ip_samples)
+        except (assets.AssetError, ValueError) as err:
+            print(f"jharm shapesworld {args.action}: {err}", file=sys.stderr)
+            return 1
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
 def _generation_args(parser) -> None:
     parser.add_argument("--model", required=True, help="local diffusers SD folder (unet/ vae/ text_encoder/ ...)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
