@@ -9,10 +9,10 @@ from jharm.train.defaults import base_config
 
 def get_config():
     config = base_config()
-    config.train.steps = 300
+    config.train.steps = 1000
     config.train.batch_size = 64
     config.train.log_every = 50
-    config.train.ckpt_every = 300
+    config.train.ckpt_every = 500
     config.optim.lr = 2e-3
     config.optim.warmup_steps = 50
     config.optim.schedule = "cosine"

@@ -9,6 +9,7 @@ then the report measures the gates and stores the metrics in the manifest.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -108,8 +109,6 @@ def _save_ip(config, params, out_dir: str) -> None:
     from jharm.models.ip_adapter import ImageProjModel, IPAdapter
 
     t2i = assets.load_t2i(out_dir)
-    import dataclasses
-
     ucfg = dataclasses.replace(t2i.unet_config, ip_adapter_tokens=int(config.task.num_tokens))
     proj = ImageProjModel(ucfg.cross_attention_dim, int(config.task.num_tokens))
     IPAdapter.from_unet(ucfg, params["unet"], proj, {"params": params["image_proj"]}).save(

@@ -1,0 +1,101 @@
+"""The shipped ShapesWorld assets: verified loading, bad-asset errors, and the
+measured metrics recomputed from the shipped weights (fresh renders, fixed seeds)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jharm.shapesworld import assets, captions, report
+from jharm.shapesworld.vocab import shapesworld_tokenizer
+
+MANIFEST = assets.read_manifest()
+
+
+def _metrics(model):
+    return MANIFEST["models"][model]["metrics"]
+
+
+def test_manifest_files_verified_and_small():
+    total = 0
+    for name in MANIFEST["files"]:
+        total += os.path.getsize(assets.verified_path(None, name, MANIFEST))
+    assert total <= 30 * 2**20
+    assert {"judge", "clip", "t2i", "ip_adapter"} <= set(MANIFEST["models"])
+    for model in ("judge", "clip", "t2i", "ip_adapter"):
+        entry = MANIFEST["models"][model]
+        assert entry["train"]["seed"] == MANIFEST["seed"] and "metrics" in entry and entry["task"]
+
+
+def test_tokenizer_asset_covers_captions():
+    tok = assets.load_tokenizer()
+    ref = shapesworld_tokenizer()
+    assert tok.encoder == ref.encoder and tok.max_length == ref.max_length
+    rng = np.random.default_rng(0)
+    _, texts = captions.sample_captioned(rng, 200)
+    ids = tok(texts)
+    assert (ids == ref(texts)).all()
+    assert all(tok.decode(row) == text for row, text in zip(ids, texts))  # nothing truncated or lost
+
+
+def _copy(tmp_path):
+    folder = str(tmp_path / "assets")
+    shutil.copytree(assets.DEFAULT_DIR, folder)
+    return folder
+
+
+def test_altered_missing_and_other_version_assets_are_errors(tmp_path):
+    folder = _copy(tmp_path)
+    path = os.path.join(folder, "clip.safetensors")
+    with open(path, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(assets.AssetError, match="clip.safetensors.*altered"):
+        assets.load_clip(folder)
+    os.remove(os.path.join(folder, "judge.safetensors"))
+    with pytest.raises(assets.AssetError, match="judge.safetensors.*missing"):
+        assets.load_judge(folder)
+    manifest_path = os.path.join(folder, "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["asset_version"] = assets.ASSET_VERSION + 1
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(assets.AssetError, match="manifest.json.*asset version"):
+        assets.load_t2i(folder)
+    with pytest.raises(assets.AssetError, match="manifest not found"):
+        assets.load_clip(str(tmp_path / "nowhere"))
+
+
+def test_judge_metrics_reproduce():
+    got = report.judge_metrics(assets.load_judge())
+    for key, value in _metrics("judge").items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    assert got["judge_shape_acc"] >= 0.99 and got["judge_colour_acc"] >= 0.99
+
+
+def test_clip_metrics_reproduce():
+    got = report.clip_metrics(assets.load_clip())
+    want = _metrics("clip")
+    for key in ("clip_shape_acc", "clip_colour_acc", "clip_synonym_shape_acc"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_t2i_and_ip_adapter_load_and_run():
+    clip, t2i = assets.load_clip(), assets.load_t2i()
+    ip, t2i_of_ip = assets.load_ip_adapter()
+    assert t2i_of_ip.unet_config == t2i.unet_config
+    for layer in ip.layers.values():
+        assert float(np.abs(layer["to_k_ip"]["kernel"]).max()) > 0
+    refs = report.eval_images(2, 5)["image"]
+    out = report.generate(t2i, clip, ["", ""], 0, num_steps=2, ip=ip, ip_images=refs, chunk=2)
+    plain = report.generate(t2i, clip, ["a red square", "a blue circle"], 0, num_steps=2, chunk=2)
+    assert out.shape == plain.shape == (2, 32, 32, 3)
+    assert np.isfinite(out).all() and np.isfinite(plain).all() and not np.allclose(out, plain)
+    # T2I and IP-Adapter gate numbers come from `jharm shapesworld report` (stored in the manifest).
+    t2i_m, ip_m = _metrics("t2i"), _metrics("ip_adapter")
+    assert t2i_m["t2i_samples"]["num_steps"] == 50 and np.isfinite(t2i_m["fd_judge"])
+    assert 0.0 <= ip_m["ip_shape_match"] <= 1.0
