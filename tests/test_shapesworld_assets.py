@@ -43,7 +43,8 @@ def test_tokenizer_asset_covers_captions():
     _, texts = captions.sample_captioned(rng, 200)
     ids = tok(texts)
     assert (ids == ref(texts)).all()
-    assert all(tok.decode(row) == text for row, text in zip(ids, texts))  # nothing truncated or lost
+    # Nothing truncated or lost (CLIP decoding spaces out the pieces of "four-sided").
+    assert all(tok.decode(row) == text.replace("-", " - ") for row, text in zip(ids, texts))
 
 
 def _copy(tmp_path):
@@ -89,6 +90,7 @@ def test_clip_metrics_reproduce():
     want = _metrics("clip")
     for key in ("clip_shape_acc", "clip_colour_acc", "clip_synonym_shape_acc"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert got["clip_colour_acc"] >= 0.95  # the shape gates are not met yet: see the manifest / report
 
 
 def test_t2i_and_ip_adapter_load_and_run():
@@ -106,3 +108,12 @@ def test_t2i_and_ip_adapter_load_and_run():
     t2i_m, ip_m = _metrics("t2i"), _metrics("ip_adapter")
     assert t2i_m["t2i_samples"]["num_steps"] == 50 and np.isfinite(t2i_m["fd_judge"])
     assert 0.0 <= ip_m["ip_shape_match"] <= 1.0
+
+
+@pytest.mark.slow
+def test_ip_adapter_metric_reproduces():
+    ip, t2i = assets.load_ip_adapter()
+    want = _metrics("ip_adapter")
+    got = report.ip_metrics(ip, t2i, assets.load_clip(), assets.load_judge(), want["ip_samples"]["n"],
+                            seed=want["ip_samples"]["seed"], num_steps=want["ip_samples"]["num_steps"])
+    assert got["ip_shape_match"] == pytest.approx(want["ip_shape_match"], abs=1e-6)
