@@ -35,9 +35,7 @@ def test_fixture_detections_are_exact(detector):
 
 
 def test_matches_the_nudenet_package_pipeline(detector, tmp_path):
-    cv2 = pytest.importorskip("cv2")  # the package's own pipeline needs OpenCV
-    del cv2
-    from nudenet import NudeDetector
+    from nudenet import NudeDetector  # the package's own pipeline (OpenCV is a test dependency)
 
     reference = NudeDetector()
     for k in range(6):
