@@ -49,31 +49,38 @@ def _with_tower_prefix(state_dict: dict, prefix: str) -> dict:
     return {(prefix + k if k.startswith(_TOWER_ROOTS) else k): v for k, v in state_dict.items()}
 
 
+# Per tower: module, config, its key prefix, its projection key, and the other tower's keys to ignore.
+_TOWERS = {
+    "text": (CLIPTextModel, CLIPTextConfig, "text_model.", "text_projection.weight",
+             (r"^vision_model\.", r"^visual_projection\.")),
+    "vision": (CLIPVisionModel, CLIPVisionConfig, "vision_model.", "visual_projection.weight",
+               (r"^text_model\.", r"^text_projection\.")),
+}
+
+
+def _load_tower(tower: str, path: str, config: dict | None, dtype: str):
+    module_cls, config_cls, prefix, projection_key, other_tower = _TOWERS[tower]
+    weights, raw_config = _resolve(path, config)
+    state_dict = _with_tower_prefix(load_state_dict(weights), prefix)
+    cfg = config_cls.from_hf(raw_config, with_projection=_has(state_dict, projection_key), dtype=dtype)
+    module = module_cls(cfg)
+    template = jax.eval_shape(module.init_params, jax.random.key(0))
+    params = torch_to_flax(state_dict, template, KEY_FN, source=weights,
+                           ignore_unexpected=(r"position_ids$", r"^logit_scale$") + other_tower)
+    return module, jax.tree.map(jnp.asarray, params), cfg
+
+
 def load_clip_text_model(path: str, *, config: dict | None = None, dtype: str = "float32"):
     """Load the text tower. Returns ``(module, params, CLIPTextConfig)``.
 
     The projection is included when the checkpoint has ``text_projection.weight``.
     """
-    weights, raw_config = _resolve(path, config)
-    state_dict = _with_tower_prefix(load_state_dict(weights), "text_model.")
-    cfg = CLIPTextConfig.from_hf(raw_config, with_projection=_has(state_dict, "text_projection.weight"), dtype=dtype)
-    module = CLIPTextModel(cfg)
-    template = jax.eval_shape(module.init_params, jax.random.key(0))
-    params = torch_to_flax(state_dict, template, KEY_FN, source=weights,
-                           ignore_unexpected=(r"position_ids$", r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$"))
-    return module, jax.tree.map(jnp.asarray, params), cfg
+    return _load_tower("text", path, config, dtype)
 
 
 def load_clip_vision_model(path: str, *, config: dict | None = None, dtype: str = "float32"):
     """Load the vision tower. Returns ``(module, params, CLIPVisionConfig)``."""
-    weights, raw_config = _resolve(path, config)
-    state_dict = _with_tower_prefix(load_state_dict(weights), "vision_model.")
-    cfg = CLIPVisionConfig.from_hf(raw_config, with_projection=_has(state_dict, "visual_projection.weight"), dtype=dtype)
-    module = CLIPVisionModel(cfg)
-    template = jax.eval_shape(module.init_params, jax.random.key(0))
-    params = torch_to_flax(state_dict, template, KEY_FN, source=weights,
-                           ignore_unexpected=(r"position_ids$", r"^text_model\.", r"^text_projection\.", r"^logit_scale$"))
-    return module, jax.tree.map(jnp.asarray, params), cfg
+    return _load_tower("vision", path, config, dtype)
 
 
 def load_clip_model(path: str, *, dtype: str = "float32"):
