@@ -14,7 +14,7 @@ from jharm.models.adm import ADMConfig, adm_apply_fn, param_shapes, tiny_config
 from jharm.weights.adm import adm_key_fn, adm_state_dict, load_adm, save_adm
 from jharm.weights.io import WeightsError, save_safetensors
 
-_TORCH_ONLY = {"dropout", "use_checkpoint"}
+_TORCH_ONLY = {"dropout", "use_checkpoint", "norm_groups"}  # the reference is GroupNorm(32) only
 
 
 def torch_model(cfg: ADMConfig, seed: int = 0, device: str = "cpu") -> TorchADM:

@@ -60,6 +60,7 @@ class ADMConfig:
     learn_sigma: bool = False
     cond_x1: bool = False
     use_checkpoint: bool = False  # jax.checkpoint (remat) on res/attention blocks
+    norm_groups: int = 32  # GroupNorm groups (guided-diffusion: 32); CPU-sized configs may use fewer
 
     def __post_init__(self):
         object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
@@ -67,6 +68,8 @@ class ADMConfig:
         for res in self.attention_resolutions:
             if res <= 0 or self.image_size % res:
                 raise ValueError(f"attention resolution {res} does not divide image_size {self.image_size}")
+        if self.norm_groups < 1:
+            raise ValueError(f"norm_groups must be >= 1, got {self.norm_groups}")
         if self.num_head_channels == -1 and self.num_heads < 1:
             raise ValueError("need num_heads >= 1 or num_head_channels > 0")
 
@@ -84,9 +87,9 @@ class ADMConfig:
         return self.out_channels * (2 if self.learn_sigma else 1)
 
 
-def _norm(name: str):
+def _norm(name: str, groups: int = _GROUPS):
     # Statistics in float32 (GroupNorm32); _normed casts back to the compute dtype.
-    return group_norm(_GROUPS, _EPS, jnp.float32, name=name)
+    return group_norm(groups, _EPS, jnp.float32, name=name)
 
 
 def _normed(module, x, dtype):
@@ -110,10 +113,11 @@ class ResBlock(nn.Module):
     up: bool = False
     down: bool = False
     dtype: Dtype = jnp.float32
+    groups: int = _GROUPS
 
     @nn.compact
     def __call__(self, x, emb, deterministic: bool = True):
-        h = nn.silu(_normed(_norm("in_layers_0"), x, self.dtype))
+        h = nn.silu(_normed(_norm("in_layers_0", self.groups), x, self.dtype))
         # up/down variant: resample between the activation and the conv, both paths.
         if self.up:
             h, x = _upsample(h), _upsample(x)
@@ -122,7 +126,7 @@ class ResBlock(nn.Module):
         h = conv(self.out_channels, 3, self.dtype, name="in_layers_2")(h)
         emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         emb_out = nn.Dense(emb_width, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))[:, None, None, :]
-        out_norm = _norm("out_layers_0")
+        out_norm = _norm("out_layers_0", self.groups)
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = _normed(out_norm, h, self.dtype) * (1 + scale) + shift
@@ -141,12 +145,13 @@ class AttentionBlock(nn.Module):
     num_heads: int
     legacy: bool = True
     dtype: Dtype = jnp.float32
+    groups: int = _GROUPS
 
     @nn.compact
     def __call__(self, x):
         b, height, width, c = x.shape
         tokens = x.reshape(b, height * width, c)
-        h = _normed(_norm("norm"), tokens, self.dtype)
+        h = _normed(_norm("norm", self.groups), tokens, self.dtype)
         qkv = nn.Conv(3 * c, (1,), dtype=self.dtype, name="qkv")(h)
         d = c // self.num_heads
         # legacy: channel = head·3d + part·d; new order: part·c + head·d.
@@ -215,14 +220,14 @@ class ADMUNet(nn.Module):
             raise ValueError(f"expected {cfg.input_channels} input channels, got {x.shape[-1]}")
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if cfg.use_checkpoint else ResBlock
         attn_cls = nn.remat(AttentionBlock) if cfg.use_checkpoint else AttentionBlock
-        dt = self.dtype
+        dt, g = self.dtype, cfg.norm_groups
 
         def res(name, out, **kw):
-            return lambda h, e: res_cls(out, cfg.use_scale_shift_norm, cfg.dropout, dtype=dt, name=name, **kw)(
-                h, e, deterministic)
+            return lambda h, e: res_cls(out, cfg.use_scale_shift_norm, cfg.dropout, dtype=dt, groups=g, name=name,
+                                        **kw)(h, e, deterministic)
 
         def attn(name, ch, heads):
-            return attn_cls(_heads(ch, heads, cfg.num_head_channels), not cfg.use_new_attention_order, dt, name=name)
+            return attn_cls(_heads(ch, heads, cfg.num_head_channels), not cfg.use_new_attention_order, dt, g, name=name)
 
         mc = cfg.model_channels
         emb = timestep_embedding(timesteps, mc, flip_sin_to_cos=True, freq_shift=0)
@@ -269,7 +274,7 @@ class ADMUNet(nn.Module):
                     ds //= 2
                 index += 1
 
-        h = nn.silu(_normed(_norm("out_0"), h, dt))
+        h = nn.silu(_normed(_norm("out_0", g), h, dt))
         return conv(cfg.output_channels, 3, dt, name="out_2")(h)
 
 
