@@ -20,11 +20,15 @@ $(STAMP): setup.py constraints.txt
 	$(PIP) install -q -c constraints.txt --no-deps open_clip_torch nudenet
 	touch $(STAMP)
 
+# Two pytest-xdist workers (the 2-core CI machine); the tests of one file share a
+# worker (module fixtures are built once); SD-sized parity tests (marker
+# big_model) take a file lock so that one at a time holds its models in memory.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 demo: $(STAMP)
 	$(VENV)/bin/jharm demo

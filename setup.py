@@ -34,6 +34,7 @@ setup(
         # torch is only for reference checks in tests and for reading .bin files.
         "test": [
             "pytest",
+            "pytest-xdist",  # make test runs two workers
             "torch==2.13.0",
             "onnxruntime",
             "opencv-python-headless",  # only for the NudeNet package-parity test

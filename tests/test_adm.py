@@ -186,6 +186,7 @@ def test_experts_vmap_over_stacked_params(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.big_model
 def test_parity_256_layout_at_64px(tmp_path):
     """The 256² ADM layout (6 levels, 2 res blocks, attention at ds 8/16/32, 64 ch/head,
     up/down res blocks, scale-shift) at 64x64 with half the channels (138M params) to fit CPU time."""

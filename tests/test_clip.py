@@ -145,6 +145,7 @@ VIT_H = dict(image_size=224, patch_size=14, hidden_size=1280, intermediate_size=
 
 
 @pytest.mark.slow
+@pytest.mark.big_model
 @pytest.mark.parametrize("name, cfg", [("sd15", SD15_TEXT), ("sd21", SD21_TEXT)])
 def test_sd_text_encoders(tmp_path, name, cfg):
     ref = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**cfg)).eval()
@@ -162,6 +163,7 @@ def test_sd_text_encoders(tmp_path, name, cfg):
 
 
 @pytest.mark.slow
+@pytest.mark.big_model
 def test_vit_h14_image_encoder(tmp_path):
     ref = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**VIT_H)).eval()
     ref.save_pretrained(tmp_path)

@@ -99,6 +99,7 @@ def run_script(mode: str, tmp_path, out) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.big_model
 def test_sd_unet_params_land_on_their_fsdp_tp_shardings(tmp_path):
     report = run_script("unet", tmp_path, tmp_path / "unet.json")
     for name, (spec, shard) in UNET_LEAVES.items():

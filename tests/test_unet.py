@@ -197,6 +197,7 @@ SD21 = dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10,
 
 
 @pytest.mark.slow
+@pytest.mark.big_model
 @pytest.mark.parametrize("cfg", [SD15, SD21], ids=["sd15", "sd21"])
 def test_sd_sized_parity(tmp_path, cfg):
     torch.manual_seed(0)

@@ -82,6 +82,7 @@ def test_config_rejects_unsupported(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.big_model
 def test_sd_vae_parity(tmp_path):
     cfg = dict(TINY, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
                scaling_factor=0.18215, down_block_types=("DownEncoderBlock2D",) * 4,
