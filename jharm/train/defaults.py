@@ -5,12 +5,14 @@ A training config is ``base_config()`` plus a method-specific ``config.task``
 
     train:        steps, batch_size (global), grad_accum, seed, log_every,
                   ckpt_every, keep_checkpoints, async_checkpoint, trainable
-                  (regexes; empty = the task's own), progress, export
+                  (regexes; empty = the task's own), progress, export,
+                  ema_decay (0 = no EMA; else the state keeps an EMA of the
+                  trainable params, which the export writes)
     optim:        name (adam|adamw), lr, b1, b2, eps, weight_decay,
                   warmup_steps, schedule (constant|cosine), final_lr_ratio,
                   clip_norm (0 = no clipping)
     mesh:         data, fsdp, tensor (one may be -1 = the remaining devices),
-                  rules (dp|fsdp|fsdp_tp)
+                  rules (dp|fsdp|fsdp_tp|ep)
     distributed:  enabled, coordinator_address, num_processes, process_id,
                   cpu_collectives ("" or "gloo")
 """
@@ -28,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults for every engine section; ``config.task`` is left for the method."""
     c = ml_collections.ConfigDict()
     c.train = dict(steps=100, batch_size=8, grad_accum=1, seed=0, log_every=10, ckpt_every=50,
-                   keep_checkpoints=3, async_checkpoint=True, trainable=(), progress=True, export=True)
+                   keep_checkpoints=3, async_checkpoint=True, trainable=(), progress=True, export=True,
+                   ema_decay=0.0)
     c.optim = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
                    schedule="constant", final_lr_ratio=0.0, clip_norm=1.0)
     c.mesh = dict(data=-1, fsdp=1, tensor=1, rules="dp")
@@ -56,6 +59,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     t, o, m = config.train, config.optim, config.mesh
     for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
         _need(isinstance(t[key], int) and t[key] >= 1, f"train.{key}", f"must be an int >= 1, found {t[key]!r}")
+    _need(isinstance(t.ema_decay, (int, float)) and not isinstance(t.ema_decay, bool) and 0 <= t.ema_decay < 1,
+          "train.ema_decay", f"must be a float in [0, 1) (0 = off), found {t.ema_decay!r}")
     _need(t.batch_size % t.grad_accum == 0, "train.batch_size",
           f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     _need(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} is not one of {OPTIMIZERS}")

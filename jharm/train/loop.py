@@ -50,6 +50,9 @@ class TrainResult:
       metrics: the last step's metrics as floats.
       preempted: True if SIGTERM stopped the run early (after a final checkpoint).
       export_path: file written by the export at the end, if any.
+      ema_params: with ``config.train.ema_decay`` > 0, the full param tree with the
+        trainable part replaced by its exponential moving average (what the export
+        writes); None when EMA is off.
     """
 
     params: PyTree
@@ -59,10 +62,16 @@ class TrainResult:
     metrics: dict[str, float]
     preempted: bool = False
     export_path: str | None = None
+    ema_params: PyTree = None
 
 
-def make_train_step(task: Task, optimizer: optax.GradientTransformation, schedule, grad_accum: int, mesh):
+def make_train_step(task: Task, optimizer: optax.GradientTransformation, schedule, grad_accum: int, mesh,
+                    ema_decay: float = 0.0):
     """``(state, fixed, frozen, batch) -> (state, metrics)``, not yet jitted.
+
+    With ``ema_decay`` > 0 the state also carries ``ema``, the exponential
+    moving average of the trainable params after each update:
+    ``ema <- decay * ema + (1 - decay) * params`` (it starts at the initial params).
 
     With ``grad_accum`` > 1 the batch is cut into micro-batches (rows
     ``i, i + k, i + 2k, ...``, so every device keeps its own rows) and the
@@ -98,8 +107,11 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation, schedul
             total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro_batches))
             loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum, total)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
-                         opt_state=opt_state)
+        new_params = optax.apply_updates(params, updates)
+        new_state = dict(state, step=state["step"] + 1, params=new_params, opt_state=opt_state)
+        if ema_decay:
+            new_state["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                            state["ema"], new_params)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
         return new_state, metrics
 
@@ -168,6 +180,7 @@ def train(config: ml_collections.ConfigDict, task: Task, workdir: str) -> TrainR
     optimizer = optim.make_optimizer(config.optim, tc.steps)
     axes_fn = task.logical_axes
     main = distributed.is_main_process()
+    ema_decay = float(tc.ema_decay)
 
     # Shapes first: which params train, and every leaf's sharding, without allocating.
     init_key, step_key = jax.random.split(jax.random.key(tc.seed))
@@ -178,6 +191,8 @@ def train(config: ml_collections.ConfigDict, task: Task, workdir: str) -> TrainR
         train_params, fixed = optim.split_params(task.init_params(init_key), trainable)
         state = dict(step=jnp.zeros((), jnp.int32), params=train_params,
                      opt_state=optimizer.init(train_params), rng=jax.random.key_data(step_key))
+        if ema_decay:  # its own buffers (the state is donated), sharded like the params
+            state["ema"] = jax.tree.map(jnp.copy, train_params)
         return state, fixed
 
     state_shapes, fixed_shapes = jax.eval_shape(init, init_key, step_key)
@@ -200,7 +215,7 @@ def train(config: ml_collections.ConfigDict, task: Task, workdir: str) -> TrainR
     first = task.make_batch(start) if start < tc.steps else None
     batch_shardings = {k: batch_sharding(mesh, np.ndim(v)) for k, v in (first or {}).items()}
     replicated = NamedSharding(mesh, PartitionSpec())
-    step_fn = jax.jit(make_train_step(task, optimizer, schedule, tc.grad_accum, mesh),
+    step_fn = jax.jit(make_train_step(task, optimizer, schedule, tc.grad_accum, mesh, ema_decay),
                       in_shardings=(state_shardings, fixed_shardings, frozen_shardings, batch_shardings),
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
@@ -246,11 +261,12 @@ def train(config: ml_collections.ConfigDict, task: Task, workdir: str) -> TrainR
         ckpt.close()
 
     params = optim.merge_params(state["params"], fixed)
+    ema_params = optim.merge_params(state["ema"], fixed) if ema_decay else None
     export_path = None
     if tc.export and not preempted:
-        export_path = _export(task, params, workdir, main)
+        export_path = _export(task, params if ema_params is None else ema_params, workdir, main)
     return TrainResult(params=params, step=step, start_step=start, losses=losses, metrics=last,
-                       preempted=preempted, export_path=export_path)
+                       preempted=preempted, export_path=export_path, ema_params=ema_params)
 
 
 def _export(task: Task, params: PyTree, workdir: str, main: bool) -> str | None:
