@@ -9,10 +9,10 @@ from jharm.train.defaults import base_config
 
 def get_config():
     config = base_config()
-    config.train.steps = 60
+    config.train.steps = 400
     config.train.batch_size = 32
     config.train.log_every = 20
-    config.train.ckpt_every = 60
+    config.train.ckpt_every = 200
     config.optim.lr = 1e-3
     config.optim.warmup_steps = 20
     config.optim.schedule = "cosine"

@@ -10,12 +10,12 @@ from jharm.train.defaults import base_config
 
 def get_config():
     config = base_config()
-    config.train.steps = 200
+    config.train.steps = 2000
     config.train.batch_size = 32
-    config.train.log_every = 50
-    config.train.ckpt_every = 200
+    config.train.log_every = 250
+    config.train.ckpt_every = 500
     config.optim.lr = 2e-3
-    config.optim.warmup_steps = 50
+    config.optim.warmup_steps = 100
     config.optim.schedule = "cosine"
     config.optim.final_lr_ratio = 0.1
     config.task = t2i_task_config()
