@@ -16,6 +16,7 @@ DEMOS: dict[str, str] = {
     "clip": "jharm.demo:clip_round_trip",
     "erase": "jharm.erase_demo:erase_scorecard",
     "fair": "jharm.fair_demo:fair_scorecard",
+    "backdoor": "jharm.backdoor_demo:backdoor_scorecard",
 }
 DEFAULT: tuple[str, ...] = ("clip",)
 

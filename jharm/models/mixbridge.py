@@ -6,6 +6,14 @@ sharded over a mesh axis (logical axis name ``experts``) and the M+1 forward
 passes are one batched computation, not a Python loop. The router reads the
 degraded input x1 only (not x_n, not t), as in the official code, so the
 mixture weights are computed once per sample and reused at every sampling step.
+
+Two ways to run the experts (``mode``), same numbers: ``"vmap"`` (default) is
+one batched computation whose expert axis XLA can shard; ``"loop"`` slices
+the stacked params and runs the experts one after another inside the same
+jitted program. On XLA:CPU a vmapped conv with per-expert kernels *and*
+per-expert inputs becomes a grouped convolution whose CPU kernels are slow
+(bench/mixbridge_step.py measures it); ``"loop"`` avoids that, at a compile
+time that grows with the number of experts. Use ``"vmap"`` on accelerators.
 """
 from __future__ import annotations
 
@@ -35,10 +43,36 @@ def unstack_expert_params(stacked: PyTree) -> list[PyTree]:
     return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(num)]
 
 
+EXPERT_MODES = ("vmap", "loop")
+
+
+def num_experts(stacked_params: PyTree) -> int:
+    return int(jax.tree_util.tree_leaves(stacked_params)[0].shape[0])
+
+
+def map_experts(fn: Callable[..., jnp.ndarray], stacked_params: PyTree, *args, shared: bool = True,
+                mode: str = "vmap") -> jnp.ndarray:
+    """``fn(params_i, *args_i)`` for every expert i, stacked on a new leading axis (E, ...).
+
+    ``shared``: every expert reads the same ``args`` (the merged mixture); else
+    every arg has a leading expert axis and expert i reads slice i (the divide
+    phase, each expert on its own task's batch). ``None`` args pass through.
+    """
+    if mode == "vmap":
+        return jax.vmap(fn, in_axes=(0,) + ((None if shared else 0),) * len(args))(stacked_params, *args)
+    if mode != "loop":
+        raise ValueError(f"unknown experts mode {mode!r}; expected one of {EXPERT_MODES}")
+    outs = []
+    for i in range(num_experts(stacked_params)):
+        pick = lambda tree, i=i: jax.tree_util.tree_map(lambda a: a[i], tree)  # noqa: E731
+        outs.append(fn(pick(stacked_params), *(args if shared else [pick(a) for a in args])))
+    return jnp.stack(outs)
+
+
 def experts_apply(expert_fn: Callable[[PyTree, jnp.ndarray, jnp.ndarray], jnp.ndarray], stacked_params: PyTree,
-                  x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+                  x: jnp.ndarray, t: jnp.ndarray, mode: str = "vmap") -> jnp.ndarray:
     """All experts on the same batch: (E, B, ...). ``expert_fn(params, x, t)``."""
-    return jax.vmap(expert_fn, in_axes=(0, None, None))(stacked_params, x, t)
+    return map_experts(expert_fn, stacked_params, x, t, mode=mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +122,7 @@ class Router(nn.Module):
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def mixbridge_predict(expert_fn, router: Router, params: dict, x_n, t, x1):
+def mixbridge_predict(expert_fn, router: Router, params: dict, x_n, t, x1, mode: str = "vmap"):
     """The mixture's network output Σ_i w_i(x1) · net_i(x_n, n) and the weights w.
 
     ``params = {"experts": stacked expert params, "router": router params}``.
@@ -96,5 +130,5 @@ def mixbridge_predict(expert_fn, router: Router, params: dict, x_n, t, x1):
     from jharm.objectives.backdoor import mixture_prediction
 
     weights = router.apply({"params": params["router"]}, x1)
-    outputs = experts_apply(expert_fn, params["experts"], x_n, t)
+    outputs = experts_apply(expert_fn, params["experts"], x_n, t, mode=mode)
     return mixture_prediction(outputs, weights), weights, outputs

@@ -16,10 +16,16 @@ embedding table                       ("vocab", "embed")
 bias, norm scale, rank <= 1           replicated
 ====================================  =======================================
 
+A task may override the axes of some leaves (``Task.logical_axes``): MixBridge
+gives its stacked experts a leading ``"experts"`` axis.
+
 A rules table (MaxText style) maps logical names to mesh axes. Presets:
 ``dp`` replicates every param; ``fsdp`` shards each rank >= 2 param over
 "fsdp" on its largest dim divisible by the axis size; ``fsdp_tp`` also puts
-attention heads, MLP hidden and conv output channels on "tensor". A dim that
+attention heads, MLP hidden and conv output channels on "tensor" (and a
+leading ``experts`` axis, which comes first and so takes "tensor" from the
+dims inside an expert); ``ep`` (expert parallel) puts only ``experts`` on
+"tensor" and replicates the rest. A dim that
 the mesh axis size does not divide is never sharded (it stays replicated).
 The same function applies to optimizer state (its leaves sit under the
 param's path), so Adam moments are sharded exactly like their params.
@@ -47,7 +53,8 @@ _MLP_OUT = re.compile(r"^(net_2|fc2|wo|dense_4h_to_h)$")
 PRESETS: dict[str, dict[str, str | None]] = {
     "dp": {},
     "fsdp": {},
-    "fsdp_tp": {"heads": "tensor", "mlp": "tensor", "conv_out": "tensor", "vocab": "tensor"},
+    "fsdp_tp": {"heads": "tensor", "mlp": "tensor", "conv_out": "tensor", "vocab": "tensor", "experts": "tensor"},
+    "ep": {"experts": "tensor"},
 }
 # Presets that additionally shard every rank >= 2 param over "fsdp".
 _FSDP_PRESETS = ("fsdp", "fsdp_tp")

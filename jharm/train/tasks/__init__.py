@@ -22,6 +22,8 @@ _REGISTRY: dict[str, str] = {
     "denoise_tiny": "jharm.train.tasks.denoise_tiny:make_task",
     "erasure": "jharm.train.tasks.erasure:make_task",
     "lightfair": "jharm.train.tasks.fairness:make_task",
+    "i2sb": "jharm.train.tasks.backdoor:i2sb_task",
+    "mixbridge": "jharm.train.tasks.backdoor:mixbridge_task",
     "shapesworld_judge": "jharm.shapesworld.judge:judge_task",
     "shapesworld_clip": "jharm.shapesworld.tasks:clip_task",
     "shapesworld_t2i": "jharm.shapesworld.tasks:t2i_task",
