@@ -23,19 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SIZES = {
-    # Two levels, cross-attention in the first: the SD block structure at CPU scale.
-    "small": dict(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1,
-                  cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32, sample_size=16),
-    # SD 1.5's UNet (860M params): for accelerators.
-    "sd": dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
-               attention_head_dim=8, norm_num_groups=32, sample_size=64,
-               down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-               up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
-}
-TEXT_LEN = 77
-LR, CLIP = 1e-4, 1.0
+from _common import CLIP, LR, TEXT_LEN, UNET_SIZES, engine_step, jharm_unet, pin_threads
+
+SIZES = UNET_SIZES
 
 
 def make_batch(cfg: dict, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -74,18 +64,10 @@ def bench_torch(cfg: dict, batch: dict, steps: int, threads: int) -> tuple[float
     return steps / (time.perf_counter() - start), sum(p.numel() for p in model.parameters())
 
 
-def bench_jax(cfg: dict, batch: dict, steps: int) -> tuple[float, int, float | None]:
-    import ml_collections
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from jharm.models.unet import UNet2DConditionModel, UNetConfig
-    from jharm.train import optim
-    from jharm.train.loop import make_train_step
-    from jharm.train.mesh import make_mesh, put_batch
-    from jharm.train.sharding import tree_shardings
+def bench_jax(cfg: dict, batch: dict, steps: int, size: str) -> tuple[float, int, float | None]:
     from jharm.train.task import Task
 
-    model = UNet2DConditionModel(UNetConfig.from_diffusers_config(dict(cfg, in_channels=4, out_channels=4)))
+    model = jharm_unet(size)
 
     def init_params(rng):
         b = {k: jnp.asarray(v[:1]) for k, v in batch.items()}
@@ -96,36 +78,16 @@ def bench_jax(cfg: dict, batch: dict, steps: int) -> tuple[float, int, float | N
         return loss, {}
 
     task = Task(name="bench", init_params=init_params, loss_fn=loss_fn, make_batch=lambda step: batch)
-    optim_cfg = ml_collections.ConfigDict(dict(name="adamw", lr=LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                                               warmup_steps=0, schedule="constant", final_lr_ratio=0.0,
-                                               clip_norm=CLIP))
-    optimizer, schedule = optim.make_optimizer(optim_cfg, steps), optim.make_schedule(optim_cfg, steps)
-    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    step = engine_step(task, steps)
+    device_batch = step.put(batch)
+    flops = step.flops(device_batch)
 
-    def init(rng):
-        params = init_params(rng)
-        return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    rng=jax.random.key_data(jax.random.key(1)))
-
-    shapes = jax.eval_shape(init, jax.random.key(0))
-    shardings = tree_shardings(shapes, mesh, "dp")
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    device_batch = put_batch(batch, mesh)
-    step_fn = jax.jit(make_train_step(task, optimizer, schedule, 1, mesh),
-                      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
-    compiled = step_fn.lower(state, {}, None, device_batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost["flops"]) if cost and "flops" in cost else None
-
-    state, metrics = step_fn(state, {}, None, device_batch)  # warm-up
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(step(device_batch))  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = step_fn(state, {}, None, device_batch)
-    jax.block_until_ready((state, metrics))
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-    return steps / (time.perf_counter() - start), n_params, flops
+        metrics = step(device_batch)
+    jax.block_until_ready((step.state, metrics))
+    return steps / (time.perf_counter() - start), step.n_params(), flops
 
 
 def main():
@@ -141,15 +103,13 @@ def main():
     parser.add_argument("--skip-torch", action="store_true", help="only time jharm (e.g. on a TPU host)")
     args = parser.parse_args()
     threads = args.threads or os.cpu_count()
-    if args.threads == 1:  # before JAX starts its CPU backend
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    pin_threads(args.threads)  # before JAX starts its CPU backend
 
     cfg = SIZES[args.size]
     batch = make_batch(cfg, args.batch)
     print(f"UNet '{args.size}', batch {args.batch}, {args.steps} timed steps, {threads} CPU thread(s), "
           f"devices: {jax.devices()}")
-    jax_rate, jax_params, flops = bench_jax(cfg, batch, args.steps)
+    jax_rate, jax_params, flops = bench_jax(cfg, batch, args.steps, args.size)
     print(f"jharm   : {jax_rate:8.3f} steps/s  ({jax_params:,} params)")
     if not args.skip_torch:
         torch_rate, torch_params = bench_torch(cfg, batch, args.steps, threads)
