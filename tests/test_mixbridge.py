@@ -29,8 +29,19 @@ def test_vmapped_experts_equal_loop_and_mixture():
     rparams = router.init(jax.random.key(9), x)["params"]
     pred, w, _ = mixbridge.mixbridge_predict(fn, router, {"experts": stacked, "router": rparams}, x, t, x)
     np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, atol=1e-6)
+    max_router = mixbridge.Router(mixbridge.RouterConfig(num_experts=3, widths=(8, 16), pool="max"))
+    np.testing.assert_allclose(np.asarray(max_router.apply({"params": rparams}, x)).sum(-1), 1.0, atol=1e-6)
     expected = sum(np.asarray(w)[:, i, None, None, None] * np.asarray(outs[i]) for i in range(3))
     np.testing.assert_allclose(pred, expected, atol=1e-5)
+    np.testing.assert_allclose(mixbridge.experts_apply(fn, stacked, x, t, mode="loop"), outs, atol=1e-6)
+    xs = jax.random.normal(jax.random.key(5), (3, 2, 8, 8, 3))  # per-expert inputs (the divide phase)
+    ts = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    each = mixbridge.map_experts(fn, stacked, xs, ts, shared=False)
+    for i in range(3):
+        np.testing.assert_allclose(each[i], fn(params[i], xs[i], ts[i]), atol=1e-6)
+    np.testing.assert_allclose(mixbridge.map_experts(fn, stacked, xs, ts, shared=False, mode="loop"), each, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown experts mode"):
+        mixbridge.map_experts(fn, stacked, x, t, mode="pmap")
     back = mixbridge.unstack_expert_params(stacked)
     np.testing.assert_array_equal(jax.tree_util.tree_leaves(back[1])[0], jax.tree_util.tree_leaves(params[1])[0])
 

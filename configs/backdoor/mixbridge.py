@@ -48,7 +48,7 @@ def get_config(arg: str = "imagenet,merge,3"):
     t.wrs_weight = 0.0 if phase == "merge_nowrs" else 1.0
     t.experts_mode = "vmap"
     # The official router is an ImageNet ResNet-50; here a configurable residual CNN (GroupNorm).
-    t.router.update(widths=(64, 128, 256, 512), blocks_per_stage=2, norm_groups=32)
+    t.router.update(widths=(64, 128, 256, 512), blocks_per_stage=2, norm_groups=32, pool="mean")
     t.init_from_adm = False  # divide/single start from the trained clean I2SB export
     c.mesh.update(data=-1, fsdp=1, tensor=1, rules="ep")
     if phase in ("divide", "merge", "merge_nowrs"):

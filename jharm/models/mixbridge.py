@@ -81,6 +81,11 @@ class RouterConfig:
     widths: tuple[int, ...] = (32, 64, 128)
     blocks_per_stage: int = 1
     norm_groups: int = 8
+    pool: str = "mean"  # global pooling before the classifier: "mean" (ResNet) or "max"
+
+    def __post_init__(self):
+        if self.pool not in ("mean", "max"):
+            raise ValueError(f"router pool must be 'mean' or 'max', got {self.pool!r}")
 
 
 class _ResidualBlock(nn.Module):
@@ -104,7 +109,9 @@ class Router(nn.Module):
     """A small ResNet classifier over the degraded input, softmax over experts.
 
     The official code uses an ImageNet ResNet-50; the router's size is a config
-    choice here (GroupNorm instead of BatchNorm keeps it a pure function).
+    choice here (GroupNorm instead of BatchNorm keeps it a pure function), and so
+    is the global pooling: a small trigger in a small image is found far more
+    easily with max pooling (``pool="max"``) than with ResNet's mean.
     """
 
     config: RouterConfig
@@ -117,7 +124,7 @@ class Router(nn.Module):
             for block in range(cfg.blocks_per_stage):
                 stride = 2 if stage > 0 and block == 0 else 1
                 x = _ResidualBlock(width, stride, cfg.norm_groups, name=f"stages_{stage}_{block}")(x)
-        x = jnp.mean(x, axis=(1, 2))
+        x = jnp.max(x, axis=(1, 2)) if cfg.pool == "max" else jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(cfg.num_experts, name="fc")(x)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 

@@ -30,6 +30,7 @@ with the model description in its metadata (:func:`load_bridge_model`); the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import zlib
@@ -88,7 +89,7 @@ def default_task_config(name: str = "i2sb", phase: str = "merge") -> ml_collecti
     c.sample = dict(nfe=10, clip_denoise=True)
     c.backdoor = dict(num_tasks=3, trigger_size=6, trigger_value=0.0, targets=SHAPESWORLD_TARGETS, target_dirs=(),
                       target_pool=1, rates=())
-    c.router = dict(widths=(16, 32, 64), blocks_per_stage=1, norm_groups=8)
+    c.router = dict(widths=(16, 32, 64), blocks_per_stage=1, norm_groups=8, pool="max")
     c.wrs_weight = 1.0
     c.experts_mode = "vmap"
     c.init_path = ""
@@ -110,8 +111,12 @@ def adm_config(tc) -> ADMConfig:
 
 
 def router_config(tc, num_experts: int) -> RouterConfig:
-    return RouterConfig(num_experts=num_experts, widths=tuple(tc.router.widths),
-                        blocks_per_stage=int(tc.router.blocks_per_stage), norm_groups=int(tc.router.norm_groups))
+    try:
+        return RouterConfig(num_experts=num_experts, widths=tuple(tc.router.widths),
+                            blocks_per_stage=int(tc.router.blocks_per_stage), norm_groups=int(tc.router.norm_groups),
+                            pool=tc.router.pool)
+    except ValueError as err:
+        raise ConfigError(f"config.task.router: {err}") from None
 
 
 def schedule_of(tc) -> bridge.BridgeSchedule:
@@ -302,6 +307,12 @@ def init_key(rng: jax.Array) -> jax.Array:
     data = jnp.ravel(jax.random.key_data(rng)).astype(jnp.uint32)
     data = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])[:4] if data.size < 4 else data[:4]
     return jax.random.wrap_key_data(data, impl="rbg")
+
+
+@functools.lru_cache(maxsize=16)
+def adm_shapes(config: ADMConfig) -> PyTree:
+    """The ADM's param tree as ShapeDtypeStructs (traced once per config)."""
+    return jax.eval_shape(lambda: init_adm(config, jax.random.key(0)))
 
 
 def _adm_fn(config: ADMConfig):
@@ -540,7 +551,7 @@ def _merge_task(config) -> Task:
         raise ConfigError("config.task.experts_path: the merge phase starts from a divide export "
                           f"(<divide workdir>/{EXPORT_NAME})")
     loaded = load_mixbridge_params(tc.experts_path, "experts", experts)
-    shapes = jax.eval_shape(lambda: init_adm(adm, jax.random.key(0)))
+    shapes = adm_shapes(adm)
     _check_tree(jax.tree.map(lambda a: a[0], loaded), shapes, f"{tc.experts_path} (experts vs config.task.adm)")
     loaded_router = load_mixbridge_params(tc.router_path, "router") if tc.router_path else None
     if loaded_router is not None:
@@ -622,7 +633,7 @@ def load_bridge_model(path: str, mode: str = "vmap", name: str | None = None) ->
         raise ConfigError(f"{path} is a MixBridge {meta.get('phase')!r} export; translate with a merge export")
     router = RouterConfig(num_experts=int(meta["num_experts"]), widths=tuple(meta["router"]["widths"]),
                           blocks_per_stage=int(meta["router"]["blocks_per_stage"]),
-                          norm_groups=int(meta["router"]["norm_groups"]))
+                          norm_groups=int(meta["router"]["norm_groups"]), pool=meta["router"].get("pool", "mean"))
     params = {"experts": load_mixbridge_params(path, "experts"), "router": load_mixbridge_params(path, "router")}
     return BridgeModel(adm, schedule, params, router, mode, name)
 
