@@ -33,7 +33,9 @@ def get_config(arg: str = "i2sb"):
     name, phase, steps = STAGES[stage]
     num_tasks = 0 if stage == "i2sb" else int(m or 3)
     ema = DEMO["ema_decay"] if stage in ("i2sb", "single") else 0.0
-    c = demo_config(DEMO, name, phase, DEMO[steps], num_tasks, ema)
+    lr = {"divide": DEMO["divide_lr"], "merge": DEMO["finetune_lr"], "merge_nowrs": DEMO["finetune_lr"],
+          "single": DEMO["finetune_lr"]}.get(stage, DEMO["lr"])
+    c = demo_config(DEMO, name, phase, DEMO[steps], num_tasks, ema, lr)
     if stage == "merge_nowrs":
         c.task.wrs_weight = 0.0
     return c
