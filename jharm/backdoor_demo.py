@@ -17,6 +17,9 @@ MSE to target and ASR per trigger, router entropy. Writes ``results.jsonl``,
 then per trigger: triggered input, output, target) and ``report.md`` with the
 issue's gates checked on the measured numbers.
 
+Measured: 27 min 14 s on the shared 2-core CPU container (docs/backdoor.md has the
+numbers; the MixBridge-with-WRS gates are not met at this budget).
+
 XLA's persistent compilation cache is switched on for the run (in
 ``<out>/xla_cache``, restored afterwards): the merges with and without WRS
 compile to one program, and a second run reuses every compiled step.
