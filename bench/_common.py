@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -95,7 +94,7 @@ def engine_step(task, total_steps: int, optim_cfg: ml_collections.ConfigDict | N
     from jax.sharding import NamedSharding, PartitionSpec
 
     from jharm.train import optim
-    from jharm.train.loop import make_train_step
+    from jharm.train.loop import make_init_fn, make_train_step
     from jharm.train.mesh import make_mesh
     from jharm.train.sharding import tree_shardings
 
@@ -105,14 +104,10 @@ def engine_step(task, total_steps: int, optim_cfg: ml_collections.ConfigDict | N
     init_key = jax.random.key(0)
     trainable = optim.trainable_paths(jax.eval_shape(task.init_params, init_key), task.trainable)
 
-    def init(rng):
-        params, fixed = optim.split_params(task.init_params(rng), trainable)
-        state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                     rng=jax.random.key_data(jax.random.key(1)))
-        return state, fixed
-
-    state_shardings, fixed_shardings = tree_shardings(jax.eval_shape(init, init_key), mesh, "dp")
-    state, fixed = jax.jit(init, out_shardings=(state_shardings, fixed_shardings))(init_key)
+    init = make_init_fn(task, optimizer, trainable)
+    step_key = jax.random.key(1)
+    state_shardings, fixed_shardings = tree_shardings(jax.eval_shape(init, init_key, step_key), mesh, "dp")
+    state, fixed = jax.jit(init, out_shardings=(state_shardings, fixed_shardings))(init_key, step_key)
     frozen = None
     if task.frozen is not None:
         frozen = jax.device_put(task.frozen, tree_shardings(task.frozen, mesh, "dp"))

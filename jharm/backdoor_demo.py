@@ -100,13 +100,14 @@ def demo_config(d: dict, name: str, phase: str, steps: int, num_tasks: int, ema:
 
 
 def grid(rows: list[np.ndarray], n: int) -> np.ndarray:
-    """Rows of [-1, 1] images (each (N, H, W, C)) -> one uint8 image, ``n`` columns, 2 px gaps."""
+    """Rows of [-1, 1] images (each (N, H, W, C)) -> one uint8 image, ``n`` columns, 2 px gaps
+    (short rows end in blank cells): the erase demo's tiling, one row per list entry."""
+    from jharm.erase_demo import grid as tile
+
     h, w, c = rows[0].shape[1:]
-    out = np.ones((len(rows) * (h + 2), n * (w + 2), c), np.float32)
-    for r, images in enumerate(rows):
-        for q, im in enumerate(images[:n]):
-            out[r * (h + 2):r * (h + 2) + h, q * (w + 2):q * (w + 2) + w] = np.clip((im + 1) / 2, 0, 1)
-    return (out * 255).round().astype(np.uint8)
+    cells = [np.concatenate([np.clip((r[:n] + 1) / 2, 0, 1), np.ones((n - len(r[:n]), h, w, c), np.float32)])
+             for r in rows]
+    return tile(np.concatenate(cells), cols=n)
 
 
 def _nearest_target(outputs: np.ndarray, pool: np.ndarray) -> np.ndarray:

@@ -37,6 +37,15 @@ def routing_entropy_bits(weights: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarra
     return -jnp.sum(weights * jnp.log2(jnp.clip(weights, eps, 1.0)), axis=-1)
 
 
+def per_task_losses(per_sample: jnp.ndarray, task_ids: jnp.ndarray, num_tasks: int) -> dict[str, jnp.ndarray]:
+    """``loss_task{i}``: the mean of ``per_sample`` over the samples of task i (0 if none), i < num_tasks."""
+    out = {}
+    for task in range(num_tasks):
+        in_task = (task_ids == task).astype(per_sample.dtype)
+        out[f"loss_task{task}"] = jnp.sum(per_sample * in_task) / jnp.maximum(jnp.sum(in_task), 1.0)
+    return out
+
+
 def mixbridge_loss(expert_outputs, weights, label, task_ids, num_tasks: int, *, wrs_weight: float = 1.0, mask=None):
     """Clean + per-task bridge losses and WRS.
 
@@ -49,9 +58,7 @@ def mixbridge_loss(expert_outputs, weights, label, task_ids, num_tasks: int, *, 
     per_sample = bridge_mse(prediction, label, mask)
     loss = jnp.mean(per_sample)
     metrics = {"loss_bridge": loss}
-    for task in range(num_tasks):
-        in_task = (task_ids == task).astype(per_sample.dtype)
-        metrics[f"loss_task{task}"] = jnp.sum(per_sample * in_task) / jnp.maximum(jnp.sum(in_task), 1.0)
+    metrics.update(per_task_losses(per_sample, task_ids, num_tasks))
     if wrs_weight:
         wrs = weight_reallocation_loss(weights)
         loss = loss + wrs_weight * wrs

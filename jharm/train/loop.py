@@ -161,6 +161,21 @@ def _check_finite(records: list[tuple[int, dict]], ckpt: ckpt_lib.Checkpointer) 
                 f"step {ckpt.latest_step()} in {ckpt.directory}")
 
 
+def make_init_fn(task: Task, optimizer: optax.GradientTransformation, trainable, ema_decay: float = 0.0):
+    """``(init_key, step_key) -> (state, fixed)``: the train state at step 0 and the
+    params that do not train (``trainable``: from ``optim.trainable_paths``)."""
+
+    def init(init_key, step_key):
+        train_params, fixed = optim.split_params(task.init_params(init_key), trainable)
+        state = dict(step=jnp.zeros((), jnp.int32), params=train_params,
+                     opt_state=optimizer.init(train_params), rng=jax.random.key_data(step_key))
+        if ema_decay:  # its own buffers (the state is donated), sharded like the params
+            state["ema"] = jax.tree.map(jnp.copy, train_params)
+        return state, fixed
+
+    return init
+
+
 def gather_to_host(tree: PyTree) -> PyTree:
     """Numpy copies of (possibly multi-host sharded) arrays, on every process."""
     if jax.process_count() > 1:
@@ -187,14 +202,7 @@ def train(config: ml_collections.ConfigDict, task: Task, workdir: str) -> TrainR
     param_shapes = jax.eval_shape(task.init_params, init_key)
     trainable = optim.trainable_paths(param_shapes, tuple(tc.trainable) or task.trainable)
 
-    def init(init_key, step_key):
-        train_params, fixed = optim.split_params(task.init_params(init_key), trainable)
-        state = dict(step=jnp.zeros((), jnp.int32), params=train_params,
-                     opt_state=optimizer.init(train_params), rng=jax.random.key_data(step_key))
-        if ema_decay:  # its own buffers (the state is donated), sharded like the params
-            state["ema"] = jax.tree.map(jnp.copy, train_params)
-        return state, fixed
-
+    init = make_init_fn(task, optimizer, trainable, ema_decay)
     state_shapes, fixed_shapes = jax.eval_shape(init, init_key, step_key)
     state_shardings = tree_shardings(state_shapes, mesh, rules, axes_fn)
     fixed_shardings = tree_shardings(fixed_shapes, mesh, rules, axes_fn)

@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import json
 import os
-import zlib
 from typing import Any
 
 import jax
@@ -46,8 +45,9 @@ from jharm.config import ConfigError
 from jharm.diffusion import bridge, corruptions, poison
 from jharm.models.adm import ADMConfig, adm_apply_fn, init_adm
 from jharm.models.mixbridge import EXPERT_MODES, Router, RouterConfig, map_experts, stack_expert_params
-from jharm.objectives.backdoor import (bridge_mse, mixbridge_loss, mixture_prediction, routing_entropy_bits,
-                                      weight_reallocation_loss)
+from jharm.objectives.backdoor import (bridge_mse, mixbridge_loss, mixture_prediction, per_task_losses,
+                                      routing_entropy_bits, weight_reallocation_loss)
+from jharm.shapesworld.data import batch_rng
 from jharm.train import sharding
 from jharm.train.task import Task
 
@@ -166,10 +166,6 @@ def _check(tc) -> None:
 # --- data -------------------------------------------------------------------------
 
 
-def _rng(seed: int, step: int, stream: str) -> np.random.Generator:
-    return np.random.default_rng([int(seed), int(step), zlib.crc32(stream.encode())])
-
-
 class ImageFolder:
     """Every image under ``folder`` (recursive, sorted), read on demand as RGB in [-1, 1]:
     resized so the shorter side is ``size`` (bicubic), then centre-cropped to size x size
@@ -252,7 +248,7 @@ class PairData:
         return [shapesworld_target(spec, pool, self.seed, i, tc.world) for i, spec in enumerate(specs[:m])]
 
     def clean(self, step: int, n: int, stream: str) -> np.ndarray:
-        rng = _rng(self.seed, step, stream)
+        rng = batch_rng(self.seed, step, stream)
         if self.folder is not None:
             return self.folder.batch(rng.integers(0, len(self.folder), n))
         from jharm.shapesworld import render
@@ -265,7 +261,7 @@ class PairData:
     def pairs(self, step: int, n: int, stream: str, rates=None, task: int | None = None) -> dict[str, np.ndarray]:
         """``n`` pairs: clean (``rates`` None, ``task`` None), a mixture at ``rates``, or all of ``task``."""
         x0 = self.clean(step, n, stream)
-        rng = _rng(self.seed, step, stream + "/poison")
+        rng = batch_rng(self.seed, step, stream + "/poison")
         x1, mask = corruptions.corrupt(self.corruption, x0, rng)
         if task is not None and task > 0:
             out = poison.poison(x0, x1, [self.triggers[task - 1]], [self.pools[task - 1]], [1.0], rng)
@@ -288,13 +284,17 @@ def shapesworld_target(spec: str, pool: int, seed: int, index: int, world) -> np
     if len(parts) != 3:
         raise ConfigError(f"config.task.backdoor.targets: {spec!r} is not 'shape/colour/background'")
     try:
-        scenes = render.sample_scenes(_rng(seed, index, "target"), pool, *parts, **geometry(world))
+        scenes = render.sample_scenes(batch_rng(seed, index, "target"), pool, *parts, **geometry(world))
     except (ValueError, KeyError) as err:
         raise ConfigError(f"config.task.backdoor.targets: {spec!r}: {err}") from None
     return render.render(scenes, int(world.resolution), int(world.supersample)) * 2.0 - 1.0
 
 
 # --- networks ------------------------------------------------------------------------
+
+
+def _init_router(router: Router, rng: jax.Array, size: int) -> PyTree:
+    return router.init(init_key(rng), jnp.zeros((1, size, size, 3)))["params"]
 
 
 def init_key(rng: jax.Array) -> jax.Array:
@@ -383,14 +383,6 @@ def _bridge_inputs(schedule, rng, x0, x1, mask):
     return n, x_n, bridge.training_label(schedule, n, x_n, x0), jnp.take(schedule.noise_levels, n), cond
 
 
-def _task_metrics(per_sample, task, num_tasks: int) -> dict:
-    out = {}
-    for i in range(num_tasks + 1):
-        weight = (task == i).astype(per_sample.dtype)
-        out[f"loss_task{i}"] = jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-    return out
-
-
 def _expert_axes(names, shape):
     """Stacked expert leaves: a leading "experts" axis, then the default axes of one expert."""
     if "experts" in names and len(shape) >= 1:
@@ -466,7 +458,7 @@ def _single_network_task(config, poisoned: bool) -> Task:
         loss = jnp.mean(per_sample)
         metrics = {"loss_bridge": loss}
         if m:
-            metrics.update(_task_metrics(per_sample, batch["task"], m))
+            metrics.update(per_task_losses(per_sample, batch["task"], m + 1))
         return loss, metrics
 
     kind = "single" if poisoned else "i2sb"
@@ -520,7 +512,7 @@ def _router_task(config) -> Task:
     size = int(tc.data.image_size)
 
     def init_params(rng):
-        return {"router": router.init(init_key(rng), jnp.zeros((1, size, size, 3)))["params"]}
+        return {"router": _init_router(router, rng, size)}
 
     def make_batch(step):
         out = data.pairs(step, batch_size, "router", rates=rates)
@@ -555,12 +547,11 @@ def _merge_task(config) -> Task:
     _check_tree(jax.tree.map(lambda a: a[0], loaded), shapes, f"{tc.experts_path} (experts vs config.task.adm)")
     loaded_router = load_mixbridge_params(tc.router_path, "router") if tc.router_path else None
     if loaded_router is not None:
-        rshapes = jax.eval_shape(lambda: router.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"])
+        rshapes = jax.eval_shape(lambda: _init_router(router, jax.random.key(0), size))
         _check_tree(loaded_router, rshapes, f"{tc.router_path} (router vs config.task.router, num_tasks)")
 
     def init_params(rng):
-        r = loaded_router if loaded_router is not None else \
-            router.init(init_key(rng), jnp.zeros((1, size, size, 3)))["params"]
+        r = loaded_router if loaded_router is not None else _init_router(router, rng, size)
         return {"experts": loaded, "router": r}
 
     def make_batch(step):
