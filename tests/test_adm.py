@@ -185,6 +185,37 @@ def test_experts_vmap_over_stacked_params(tmp_path):
     assert np.abs(np.asarray(out[0] - out[1])).max() > 1e-3
 
 
+_SHARDED_EXPERTS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jharm.models.adm import adm_apply_fn, init_adm, tiny_config
+jax.config.update("jax_default_matmul_precision", "float32")
+cfg = tiny_config(image_size=16, model_channels=8, channel_mult=(1,), attention_resolutions=(), num_heads=1,
+                  norm_groups=4, cond_x1=True)  # the demo's expert: 1x1 convs in attention and skips
+stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), init_adm(cfg, jax.random.key(0)), init_adm(cfg, jax.random.key(1)))
+x, x1 = jax.random.normal(jax.random.key(2), (2, 4, 16, 16, 3))
+t = jnp.array([10.0, 300.0, 600.0, 900.0])
+run = jax.jit(jax.vmap(adm_apply_fn(cfg), in_axes=(0, None, None, None)))
+mesh = Mesh(np.array(jax.devices()), ("tensor",))
+sharded = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("tensor")))
+print(float(jnp.abs(run(stacked, x, t, x1) - run(sharded, x, t, x1)).max()))
+"""
+
+
+def test_experts_sharded_on_the_expert_axis_compute_the_same():
+    """Expert parallelism (MixBridge rules ``ep``) must not change the numbers: with nn.Conv for
+    the 1x1 convs XLA:CPU got them wrong here (error ~0.6); see layers.PointwiseConv."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_EXPERTS], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) < 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.big_model
 def test_parity_256_layout_at_64px(tmp_path):

@@ -24,7 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jharm.models.layers import conv, dot_product_attention, group_norm, resize_nearest, timestep_embedding
+from jharm.models.layers import (PointwiseConv, conv, dot_product_attention, group_norm, resize_nearest,
+                                 timestep_embedding)
 
 Dtype = Any
 _GROUPS, _EPS = 32, 1e-5
@@ -135,7 +136,7 @@ class ResBlock(nn.Module):
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
         h = conv(self.out_channels, 3, self.dtype, name="out_layers_3")(h)
         if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, self.dtype, name="skip_connection")(x)
+            x = PointwiseConv(self.out_channels, self.dtype, name="skip_connection")(x)
         return x + h
 
 
@@ -152,7 +153,7 @@ class AttentionBlock(nn.Module):
         b, height, width, c = x.shape
         tokens = x.reshape(b, height * width, c)
         h = _normed(_norm("norm", self.groups), tokens, self.dtype)
-        qkv = nn.Conv(3 * c, (1,), dtype=self.dtype, name="qkv")(h)
+        qkv = PointwiseConv(3 * c, dtype=self.dtype, name="qkv")(h)
         d = c // self.num_heads
         # legacy: channel = head·3d + part·d; new order: part·c + head·d.
         shape = (b, height * width, self.num_heads, 3, d) if self.legacy else (b, height * width, 3, self.num_heads, d)
@@ -161,7 +162,7 @@ class AttentionBlock(nn.Module):
         q, k, v = (p.reshape(b, height * width, c) for p in parts)
         # Scaling q and k each by d^-1/4 (as the reference) equals scaling the logits by d^-1/2.
         h = dot_product_attention(q, k, v, self.num_heads)
-        h = nn.Conv(c, (1,), dtype=self.dtype, name="proj_out")(h)
+        h = PointwiseConv(c, dtype=self.dtype, name="proj_out")(h)
         return (tokens + h).reshape(b, height, width, c)
 
 

@@ -35,6 +35,27 @@ def conv(features: int, kernel: int, dtype: Dtype, *, stride: int = 1, padding=N
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
 
 
+class PointwiseConv(nn.Module):
+    """A kernel-size-1, stride-1 ``nn.Conv`` over any number of spatial dims (the same ``kernel``
+    (1, ..., 1, C, F) and ``bias`` params and init) computed as a matmul.
+
+    Why: vmapped over experts whose stacked params are sharded on the expert axis (MixBridge,
+    rules ``ep``), XLA:CPU (jax 0.10.2) partitioned the 1x1 convolutions of the ADM network
+    wrongly (outputs off by ~1 where the unsharded run is exact; 3x3 convs were right); the
+    matmul form partitions correctly (tests/test_adm.py checks the sharded vmap)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1,) * (x.ndim - 2) + (c, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        y = jnp.einsum("...c,cf->...f", x.astype(self.dtype), kernel.reshape(c, self.features).astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 def timestep_embedding(timesteps: jnp.ndarray, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> jnp.ndarray:
     """Sinusoidal embedding of (B,) timesteps -> (B, dim), as diffusers' ``Timesteps``."""
