@@ -185,7 +185,7 @@ def attack_rate(world: World, variables, seed: int, steps: int, d: dict) -> floa
     against the erased model's denoising loss on real star renders."""
     from flax import traverse_util
 
-    from jharm.diffusion.schedules import add_noise
+    from jharm.diffusion.schedules import add_noise, training_target
     from jharm.eval.attacks import PrefixAttackConfig, prefix_attack
 
     flat = traverse_util.flatten_dict(world.text_params, sep="/")
@@ -203,8 +203,8 @@ def attack_rate(world: World, variables, seed: int, steps: int, d: dict) -> floa
         t = jax.random.randint(k1, (len(x0),), 0, world.schedule.num_train_timesteps)
         noise = jax.random.normal(k2, x0.shape)
         x_t = add_noise(world.schedule, x0, noise, t)
-        eps = world.unet.apply(variables, x_t, t, jnp.broadcast_to(ctx, (len(x0),) + ctx.shape[1:]))
-        return jnp.mean((eps - noise) ** 2)
+        pred = world.unet.apply(variables, x_t, t, jnp.broadcast_to(ctx, (len(x0),) + ctx.shape[1:]))
+        return jnp.mean((pred - training_target(world.schedule, x0, noise, t)) ** 2)
 
     banned = tuple(int(i) for i in {world.tokenizer.bos_token_id, world.tokenizer.eos_token_id,
                                      world.tokenizer.pad_token_id})

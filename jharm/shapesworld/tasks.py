@@ -54,7 +54,13 @@ def t2i_task_config() -> ml_collections.ConfigDict:
     c.unet = dict(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
                   down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
-    c.schedule = dict(kind="linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    # v-prediction: with epsilon targets the tiny UNet's high-noise predictions stayed worse than the
+    # mean image (x0 MSE 1.1 at t=900 vs 0.45 variance; eps MSE 0.0027 looks small there) and the text
+    # made no difference (cond/uncond losses equal to 1 %), so samples were colour blobs (shape accuracy
+    # at chance after 2000 steps). v targets weigh the high-noise, text-decided regime in x0 terms.
+    # clip_sample: pixel space is [-1, 1], so DDIM clips its x0 estimate (diffusers' DDIM default).
+    c.schedule = dict(kind="linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                      prediction_type="v_prediction", clip_sample=True)
     c.p_uncond = 0.1  # caption dropout, for classifier-free guidance
     c.guidance_scale = 3.0  # the CFG scale the report samples with
     c.data_seed = 2
