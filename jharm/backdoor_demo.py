@@ -128,6 +128,7 @@ def _scorecard(out_dir: str, d: dict) -> str:
     from PIL import Image
 
     from jharm.eval import backdoor as ev
+    from jharm.shapesworld import assets
     from jharm.train.loop import train
     from jharm.train.tasks import make_task
     from jharm.train.tasks.backdoor import EXPORT_NAME, PairData, model_from_params
@@ -169,7 +170,8 @@ def _scorecard(out_dir: str, d: dict) -> str:
     # Evaluation on one held-out set (its own stream) with every trigger.
     data = PairData(demo_config(d, "mixbridge", "merge", 1, m_max).task)
     eval_set = ev.make_eval_set(data, d["eval_n"], step=0, stream="eval")
-    features = ev.judge_features_fn() if d["image_size"] == 32 else None  # the shipped judge reads 32x32
+    judge = assets.load_judge()  # it reads multiples of its own resolution (box-downsampled)
+    features = ev.judge_features_fn(judge) if d["image_size"] % judge.config.world.resolution == 0 else None
     records, rng = [], jax.random.key(d["seed"] + 1)
     for name, (model, m, _) in models.items():
         t0 = time.time()

@@ -49,7 +49,16 @@ class World:
     tokenizer: object
     clip: object
     judge: object
+    scenes: object  # the T2I's world config: the renders it is compared with
     adapter: object = None
+
+    def render(self, seed: int, n: int, shape) -> np.ndarray:
+        """Real renders of ``shape`` from the T2I's own world (resolution, geometry)."""
+        from jharm.shapesworld.world import geometry
+
+        images, _ = render.render_batch(seed, n, shape=shape, resolution=int(self.scenes.resolution),
+                                        supersample=int(self.scenes.supersample), **geometry(self.scenes))
+        return images
 
 
 def load_world(folder: str | None = None, ip: bool = False) -> World:
@@ -66,7 +75,8 @@ def load_world(folder: str | None = None, ip: bool = False) -> World:
         t2i, adapter = assets.load_t2i(folder), None
         config, variables = t2i.unet_config, {"params": t2i.unet_params}
     return World(UNet2DConditionModel(config), variables, t2i.schedule, t2i.guidance_scale,
-                 CLIPTextModel(clip.text_config), {"params": clip.text_params}, clip.tokenizer, clip, judge, adapter)
+                 CLIPTextModel(clip.text_config), {"params": clip.text_params}, clip.tokenizer, clip, judge,
+                 t2i.config.world, adapter)
 
 
 def encode(world: World, prompts) -> np.ndarray:
@@ -91,7 +101,8 @@ def shapesworld_model(config: ml_collections.ConfigDict, world: World | None = N
         images = concept_images if concept_images is not None else load_images(
             tc.concept_images, tc.num_concept_images, world.clip.vision_config.image_size)
         vision = CLIPVisionModel(world.clip.vision_config)
-        embeds = vision.apply({"params": world.clip.vision_params}, clip_image_input(jnp.asarray(images)))
+        pixels = clip_image_input(images, world.clip.vision_config.image_size)
+        embeds = vision.apply({"params": world.clip.vision_params}, pixels)
         raw = world.adapter.image_tokens(embeds["image_embeds"])
         tokens = np.asarray(refine_image_tokens(raw, jnp.broadcast_to(prompts[:1], (len(raw),) + prompts.shape[1:])))
     params = world.variables
@@ -149,7 +160,7 @@ def scorecard(world: World, variables, seed: int, steps: int, n: int) -> tuple[d
         labels += [render.SHAPES.index(s)] * len(p)
     images["others"] = generate(world, variables, prompts, seed + 1, steps)
     metrics["other_shape_accuracy"] = float(np.mean(judge_shapes(world, images["others"]) == np.array(labels)))
-    real, _ = render.render_batch(seed + 2, len(prompts), shape=[s for s in others for _ in range(n)][:len(prompts)])
+    real = world.render(seed + 2, len(prompts), [s for s in others for _ in range(n)][:len(prompts)])
     metrics["fd_judge_others"] = frechet_distance(judge_features(world.judge.params, images["others"],
                                                                  world.judge.config),
                                                   judge_features(world.judge.params, real, world.judge.config))
@@ -193,7 +204,7 @@ def attack_rate(world: World, variables, seed: int, steps: int, d: dict) -> floa
     k = 5
     base_prompt = f"a {CONCEPT}"
     ids = jnp.asarray(world.tokenizer([" ".join([base_prompt.split()[-1]] * k) + " " + base_prompt]))
-    targets, _ = render.render_batch(seed + 3, 4, shape=CONCEPT)
+    targets = world.render(seed + 3, 4, CONCEPT)
     x0 = jnp.asarray(targets * 2 - 1)
 
     def loss(prefix, key):
@@ -216,15 +227,20 @@ def attack_rate(world: World, variables, seed: int, steps: int, d: dict) -> floa
     return float(np.mean(judge_shapes(world, images) == render.SHAPES.index(CONCEPT)))
 
 
-def erase_scorecard(out_dir: str, seed: int = 0) -> str:
-    """``jharm demo erase``: base vs ESD-u vs Co-Erasing+ESD on ShapesWorld; returns the report path."""
+def erase_scorecard(out_dir: str, seed: int = 0, settings: dict | None = None) -> str:
+    """``jharm demo erase``: base vs ESD-u vs Co-Erasing+ESD on ShapesWorld; returns the report path.
+
+    ``settings`` overrides entries of ``DEMO`` (the tests run it at plumbing size)."""
     from PIL import Image
 
     from jharm.train.loop import train
     from jharm.train.tasks.erasure import build_task
     from jharm.weights.io import atomic_write_bytes
 
-    d = DEMO
+    unknown = set(settings or {}) - set(DEMO)
+    if unknown:
+        raise ValueError(f"unknown erase demo settings {sorted(unknown)}; known: {sorted(DEMO)}")
+    d = dict(DEMO, **(settings or {}))
     os.makedirs(out_dir, exist_ok=True)
     world = load_world(ip=True)  # the IP layers are inert (no tokens) outside Co-Erasing's concept branch
     steps, n = d["sample_steps"], d["n_per_prompt"]

@@ -24,6 +24,7 @@ import numpy as np
 from jharm import fairness
 from jharm.eval import fairness as fm
 from jharm.shapesworld import render
+from jharm.shapesworld.world import geometry, world_config
 
 DEMO = dict(batch=48, n_eval=48, n_prompted=12, n_centroid=16, steps=20, train_steps=120, lr=3e-3, lambda_q=1.0,
             lambda_r=0.05, tau=1000, taus=(0, 250, 500, 750, 1000), uce_rounds=6, uce_n=24, uce_step=2.0,
@@ -58,6 +59,7 @@ class Mini:
     judge_config: object
     text_dir: str            # the text encoder as a transformers folder (LightFair's input)
     tokenizer_dir: str
+    scenes: object = None    # the T2I's world config (renders for FD-judge); None = the default world
 
 
 def load_mini(out_dir: str, folder: str | None = None) -> Mini:
@@ -72,7 +74,8 @@ def load_mini(out_dir: str, folder: str | None = None) -> Mini:
     manifest = assets.read_manifest(folder)
     files = manifest["files"]
     vision = CLIPVisionModel(clip.vision_config)
-    embed = jax.jit(lambda im: vision.apply({"params": clip.vision_params}, clip_image_input(im))["image_embeds"])
+    size = clip.vision_config.image_size
+    embed = jax.jit(lambda im: vision.apply({"params": clip.vision_params}, clip_image_input(im, size))["image_embeds"])
     model = fairness.TextToImage(
         CLIPTextModel(clip.text_config), jax.tree.map(jnp.asarray, clip.text_params), clip.tokenizer,
         UNet2DConditionModel(t2i.unet_config), {"params": jax.tree.map(jnp.asarray, t2i.unet_params)}, t2i.schedule,
@@ -82,7 +85,7 @@ def load_mini(out_dir: str, folder: str | None = None) -> Mini:
     tok_dir = os.path.join(folder or assets.DEFAULT_DIR, "tokenizer")
     return Mini(model, t2i.guidance_scale, lambda im: np.asarray(embed(jnp.asarray(im))),
                 "shapesworld-clip:" + files[manifest["models"]["clip"]["file"]][:16], judge.params, judge.config,
-                text_dir, tok_dir)
+                text_dir, tok_dir, t2i.config.world)
 
 
 def lightfair_config(mini: Mini, setting: Setting, centroids: str, d: dict):
@@ -150,7 +153,7 @@ def evaluate(mini: Mini, setting: Setting, name: str, gen: dict, seed: int, d: d
     real, _ = render.render_batch(seed + 7, sum(len(f) for f in feats),
                                   shape=[render.SHAPES.index(c) for c in setting.concepts
                                          for _ in range(d["n_eval"] + k * d["n_prompted"])],
-                                  resolution=mini.model.sample_shape[0])
+                                  resolution=mini.model.sample_shape[0], **geometry(mini.scenes or world_config()))
     fd = fm.fid(np.concatenate(feats), _judge(mini, real)[1])
     for rec in records:
         rec["fd_judge"] = fd

@@ -25,7 +25,7 @@ def _mini(tmp_path):
     vparams = vision.init_params(jax.random.key(7))
     embed = jax.jit(lambda im: vision.apply({"params": vparams}, im)["image_embeds"])
     jcfg = judge_task_config()
-    jcfg.channels, jcfg.features = (4, 8), 16
+    jcfg.channels, jcfg.features, jcfg.world.resolution = (4, 8), 16, SIZE
     judge = JudgeNet(channels=(4, 8), features=16).init(jax.random.key(8), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
     tok_dir = str(tmp_path / "tokenizer")
     model.tokenizer.save_pretrained(tok_dir)

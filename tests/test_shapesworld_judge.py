@@ -122,6 +122,15 @@ def test_outputs_and_predictions(params):
         np.testing.assert_array_equal(pred[head], np.asarray(out[head]).argmax(-1))
 
 
+def test_images_at_a_multiple_of_the_judges_resolution_are_box_downsampled(params):
+    images = data.judge_batch(0, 0, 6)["image"]
+    res = images.shape[1]
+    big = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)  # each pixel a 2x2 block
+    np.testing.assert_allclose(judge.judge_features(params, big), judge.judge_features(params, images), atol=1e-5)
+    with pytest.raises(ValueError, match=rf"the judge reads {res}x{res} images .* found {res + 3}x{res + 3}"):
+        judge.judge_predict(params, np.zeros((2, res + 3, res + 3, 3), np.float32))
+
+
 def test_loss_is_the_sum_of_cross_entropies(params):
     batch = data.judge_batch(0, 1, 16)
     loss, metrics = jax.jit(judge.judge_loss)(params, batch)

@@ -188,6 +188,24 @@ def test_jitter_ranges_and_shape_stays_inside():
     assert np.abs(border - border.mean(-1, keepdims=True)).max() < 1e-5  # still grey
 
 
+def test_position_jitter_narrows_the_centre_range():
+    size_range, margin = (0.22, 0.36), 0.05
+    centred = render.sample_scenes(np.random.default_rng(4), 200, position_jitter=0.0)
+    np.testing.assert_allclose(centred.centre, 0.5, atol=1e-6)
+    for jitter in (0.25, 1.0):
+        scenes = render.sample_scenes(np.random.default_rng(4), 4000, position_jitter=jitter)
+        room = jitter * (1 - 2 * (scenes.size + margin))[:, None]
+        offset = np.abs(scenes.centre - 0.5)
+        assert (offset <= room / 2 + 1e-6).all() and (offset > 0.9 * room / 2).any()  # the whole range is used
+    # Other draws are unchanged: the same seed gives the same shapes, sizes and colours.
+    a = render.sample_scenes(np.random.default_rng(5), 50, position_jitter=0.3)
+    b = render.sample_scenes(np.random.default_rng(5), 50)
+    np.testing.assert_array_equal(a.size, b.size)
+    np.testing.assert_array_equal(a.rgb, b.rgb)
+    with pytest.raises(render.SceneError, match=r"position_jitter must be in \[0, 1\], found 1.5"):
+        render.sample_scenes(np.random.default_rng(0), 2, size_range=size_range, position_jitter=1.5)
+
+
 def test_all_labels_drawn_uniformly():
     scenes = render.sample_scenes(np.random.default_rng(5), 6000)
     for labels, names in ((scenes.shape, render.SHAPES), (scenes.colour, render.COLOUR_NAMES),

@@ -77,13 +77,24 @@ def _jitted_apply(channels: tuple[int, ...], features: int):
     return jax.jit(lambda params, images: module.apply({"params": params}, images))
 
 
+def _at_resolution(images: np.ndarray, resolution: int) -> np.ndarray:
+    """Images at the judge's resolution: an integer multiple is box-downsampled
+    (what the renderer's supersampling does), anything else is an error."""
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"expected a non-empty NHWC batch of images, found shape {images.shape}")
+    n, h, w, c = images.shape
+    if h != w or h % resolution:
+        raise ValueError(f"the judge reads {resolution}x{resolution} images (or square multiples), "
+                         f"found {h}x{w}")
+    f = h // resolution
+    return images if f == 1 else images.reshape(n, resolution, f, resolution, f, c).mean(axis=(2, 4))
+
+
 def _batched(params, images, config, batch_size: int, key: str | None) -> dict[str, np.ndarray]:
     """Apply in fixed-size chunks (the last one padded) so that one compile serves all."""
     config = judge_task_config() if config is None else config
     apply = _jitted_apply(tuple(config.channels), int(config.features))
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"expected a non-empty NHWC batch of images, found shape {images.shape}")
+    images = _at_resolution(np.asarray(images, np.float32), int(config.world.resolution))
     outs = []
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]

@@ -121,13 +121,16 @@ def resolve_ids(value, names: Sequence[str], kind: str, n: int, rng: np.random.G
 
 def sample_scenes(rng: np.random.Generator, n: int, shape=None, colour=None, background=None, *,
                   size_range: tuple[float, float] = (0.22, 0.36), margin: float = 0.05,
-                  max_rotation_deg: float = 15.0, colour_jitter: float = 0.04) -> Scenes:
+                  max_rotation_deg: float = 15.0, colour_jitter: float = 0.04,
+                  position_jitter: float = 1.0) -> Scenes:
     """Draw N scenes.
 
     ``shape``/``colour``/``background`` are each None (uniform), one name or id
     (all N scenes), or a length-N sequence of names or ids. ``size_range`` is
     the outer radius as a fraction of the width; the centre keeps the whole
-    shape ``margin`` inside the image; rotation is uniform in
+    shape ``margin`` inside the image and is uniform over the central
+    ``position_jitter`` fraction of the room it has (1 = anywhere it fits,
+    0 = always centred); rotation is uniform in
     +-min(max_rotation_deg, the shape's own limit); each RGB channel of the fill
     colour is jittered uniformly by +-``colour_jitter``.
     """
@@ -136,13 +139,15 @@ def sample_scenes(rng: np.random.Generator, n: int, shape=None, colour=None, bac
     lo, hi = float(size_range[0]), float(size_range[1])
     if not 0 < lo <= hi or hi + margin >= 0.5:
         raise SceneError(f"size_range {size_range} (margin {margin}) does not fit in the image")
+    if not 0.0 <= position_jitter <= 1.0:
+        raise SceneError(f"position_jitter must be in [0, 1], found {position_jitter}")
     shape_ids = resolve_ids(shape, SHAPES, "shape", n, rng)
     colour_ids = resolve_ids(colour, COLOUR_NAMES, "colour", n, rng)
     bg_ids = resolve_ids(background, BACKGROUNDS, "background", n, rng)
     size = rng.uniform(lo, hi, n)
     # The centre keeps the shape's bounding circle inside the image.
-    reach = size + margin
-    centre = reach[:, None] + rng.uniform(0.0, 1.0, (n, 2)) * (1.0 - 2.0 * reach[:, None])
+    room = position_jitter * (1.0 - 2.0 * (size + margin))[:, None]
+    centre = 0.5 - room / 2 + rng.uniform(0.0, 1.0, (n, 2)) * room
     limits = np.array([min(max_rotation_deg, _MAX_ROTATION[s]) for s in SHAPES])
     rotation = np.deg2rad(rng.uniform(-1.0, 1.0, n) * limits[shape_ids])
     palette = np.array([COLOURS[c] for c in COLOUR_NAMES])

@@ -52,7 +52,7 @@ def image_embeds(clip: assets.ClipAsset, images) -> np.ndarray:
     from jharm.shapesworld.tasks import clip_image_input
 
     out = CLIPVisionModel(clip.vision_config).apply({"params": clip.vision_params},
-                                                    clip_image_input(jnp.asarray(images)))
+                                                    clip_image_input(images, clip.vision_config.image_size))
     return np.asarray(out["image_embeds"])
 
 
@@ -167,7 +167,7 @@ def t2i_metrics(t2i, clip, judge, per_prompt: int = 2, per_synonym: int = 1, per
         freq = np.bincount(cols, minlength=len(render.COLOUR_NAMES)) / per_neutral
         neutral[s] = {c: round(float(f), 4) for c, f in zip(render.COLOUR_NAMES, freq) if f > 0}
         bias_err = max(bias_err, float(np.abs(freq - bias[render.SHAPES.index(s)]).max()))
-    real = eval_images(len(images), 2, judge.config.world)["image"]
+    real = eval_images(len(images), 2, t2i.config.world)["image"]  # the T2I's own world
     fd = frechet_distance(judge_features(judge.params, images, judge.config),
                           judge_features(judge.params, real, judge.config))
     return {"t2i_min_prompt_acc": float(per_pair.min()), "t2i_mean_prompt_acc": float(per_pair.mean()),
@@ -181,7 +181,7 @@ def t2i_metrics(t2i, clip, judge, per_prompt: int = 2, per_synonym: int = 1, per
 
 def ip_metrics(ip, t2i, clip, judge, n: int = 32, seed: int = 0, num_steps: int = 50) -> dict:
     """Image prompt + empty text: fraction of samples whose judged shape is the reference's."""
-    ref = eval_images(n, 3, judge.config.world)
+    ref = eval_images(n, 3, t2i.config.world)
     images = generate(t2i, clip, [""] * n, seed, num_steps=num_steps, ip=ip, ip_images=ref["image"])
     pred = judge_predict(judge.params, images, judge.config)
     return {"ip_shape_match": float((pred["shape"] == ref["shape"]).mean()),

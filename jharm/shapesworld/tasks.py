@@ -106,8 +106,16 @@ def schedule_of(tc):
     return make_schedule(s.pop("kind"), **s)
 
 
-def clip_image_input(images):
-    """[0, 1] images -> the tiny CLIP's pixel values ([-1, 1])."""
+def clip_image_input(images, image_size: int | None = None):
+    """[0, 1] NHWC images -> the tiny CLIP's pixel values ([-1, 1]) at ``image_size``.
+
+    Images of another size are resized (bilinear, antialiased), as CLIP's image
+    processor resizes every input to the tower's resolution: a 16x16 T2I's
+    samples go through a 32x32 CLIP vision tower.
+    """
+    images = jnp.asarray(images)
+    if image_size is not None and images.shape[1:3] != (image_size, image_size):
+        images = jax.image.resize(images, (images.shape[0], image_size, image_size, images.shape[3]), "bilinear")
     return images * 2.0 - 1.0
 
 
@@ -140,7 +148,8 @@ def clip_task(config) -> Task:
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng
         t = text.apply({"params": params["text"]}, batch["ids"])["text_embeds"]
-        v = vision.apply({"params": params["vision"]}, clip_image_input(batch["image"]))["image_embeds"]
+        pixels = clip_image_input(batch["image"], vision_cfg.image_size)
+        v = vision.apply({"params": params["vision"]}, pixels)["image_embeds"]
         scale = jnp.minimum(params["logit_scale"], np.log(100.0))  # CLIP's clamp
         loss, acc = contrastive_loss(t, v, scale, batch["same"])
         return loss, {"retrieval_acc": acc, "logit_scale": scale}
@@ -223,7 +232,8 @@ def ip_task(config) -> Task:
     def loss_fn(params, frozen, batch, rng):
         del rng
         context = text.apply({"params": frozen["text"]}, batch["ids"])["last_hidden_state"]
-        embeds = vision.apply({"params": frozen["vision"]}, clip_image_input(batch["image"]))["image_embeds"]
+        embeds = vision.apply({"params": frozen["vision"]},
+                              clip_image_input(batch["image"], clip.vision_config.image_size))["image_embeds"]
         embeds = embeds * batch["keep_image"][:, None]  # image dropout: zero embedding, as at CFG time
         tokens = proj.apply({"params": params["image_proj"]}, embeds)
         x_t = add_noise(schedule, batch["x0"], batch["noise"], batch["t"])

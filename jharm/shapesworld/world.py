@@ -39,6 +39,7 @@ def world_config() -> ml_collections.ConfigDict:
     c.size_range = (0.22, 0.36)      # outer radius, fraction of the width
     c.margin = 0.05                  # gap between the shape and the border (> 1 px at 32)
     c.max_rotation_deg = 15.0        # capped per shape so identity never changes
+    c.position_jitter = 1.0          # fraction of the free room the centre ranges over (0 = centred)
     c.colour_jitter = 0.04
     c.templates = DEFAULT_TEMPLATES
     # Which shape words captions use: "all", "canonical", "train" (canonical +
@@ -52,4 +53,5 @@ def world_config() -> ml_collections.ConfigDict:
 def geometry(config) -> dict:
     """The ``render.sample_scenes`` keyword arguments of a world config."""
     return {"size_range": tuple(config.size_range), "margin": config.margin,
-            "max_rotation_deg": config.max_rotation_deg, "colour_jitter": config.colour_jitter}
+            "max_rotation_deg": config.max_rotation_deg, "colour_jitter": config.colour_jitter,
+            "position_jitter": config.get("position_jitter", 1.0)}
