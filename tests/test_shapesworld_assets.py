@@ -87,6 +87,23 @@ def test_clip_metrics_reproduce():
     assert got["clip_colour_acc"] >= 0.95  # the shape gates are not met yet: see the manifest / report
 
 
+def test_clip_reads_other_resolutions_through_a_resize():
+    """A 16x16 render, resized to the 32x32 tower, embeds next to the 32x32 render of
+    the same scene (and far from other scenes); 32x32 input passes through unchanged."""
+    from jharm.shapesworld import render
+    from jharm.shapesworld.tasks import clip_image_input
+
+    clip = assets.load_clip()
+    scenes = render.sample_scenes(np.random.default_rng(11), 16)
+    big, small = render.render(scenes, 32), render.render(scenes, 16)
+    np.testing.assert_array_equal(np.asarray(clip_image_input(big, 32)), big * 2.0 - 1.0)
+    a, b = report.image_embeds(clip, big), report.image_embeds(clip, small)
+    a, b = a / np.linalg.norm(a, axis=-1, keepdims=True), b / np.linalg.norm(b, axis=-1, keepdims=True)
+    sims = a @ b.T
+    assert np.diag(sims).min() > 0.9
+    assert (sims.argmax(-1) == np.arange(16)).mean() >= 0.75  # mostly its own scene, not a neighbour
+
+
 def test_t2i_and_ip_adapter_load_and_run():
     clip, t2i = assets.load_clip(), assets.load_t2i()
     ip, t2i_of_ip = assets.load_ip_adapter()
