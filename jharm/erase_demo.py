@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jharm.shapesworld import captions, render
+from jharm.shapesworld import captions, data, render
 
 CONCEPT = "star"
 DEMO = dict(n_per_prompt=8, sample_steps=25, esd_steps=150, co_steps=80, batch_size=4, lr=1e-4, train_sample_steps=10,
@@ -51,14 +51,6 @@ class World:
     judge: object
     scenes: object  # the T2I's world config: the renders it is compared with
     adapter: object = None
-
-    def render(self, seed: int, n: int, shape) -> np.ndarray:
-        """Real renders of ``shape`` from the T2I's own world (resolution, geometry)."""
-        from jharm.shapesworld.world import geometry
-
-        images, _ = render.render_batch(seed, n, shape=shape, resolution=int(self.scenes.resolution),
-                                        supersample=int(self.scenes.supersample), **geometry(self.scenes))
-        return images
 
 
 def load_world(folder: str | None = None, ip: bool = False) -> World:
@@ -160,7 +152,8 @@ def scorecard(world: World, variables, seed: int, steps: int, n: int) -> tuple[d
         labels += [render.SHAPES.index(s)] * len(p)
     images["others"] = generate(world, variables, prompts, seed + 1, steps)
     metrics["other_shape_accuracy"] = float(np.mean(judge_shapes(world, images["others"]) == np.array(labels)))
-    real = world.render(seed + 2, len(prompts), [s for s in others for _ in range(n)][:len(prompts)])
+    real_shapes = [s for s in others for _ in range(n)][:len(prompts)]
+    real = data.world_renders(seed + 2, len(prompts), world.scenes, real_shapes)
     metrics["fd_judge_others"] = frechet_distance(judge_features(world.judge.params, images["others"],
                                                                  world.judge.config),
                                                   judge_features(world.judge.params, real, world.judge.config))
@@ -204,7 +197,7 @@ def attack_rate(world: World, variables, seed: int, steps: int, d: dict) -> floa
     k = 5
     base_prompt = f"a {CONCEPT}"
     ids = jnp.asarray(world.tokenizer([" ".join([base_prompt.split()[-1]] * k) + " " + base_prompt]))
-    targets = world.render(seed + 3, 4, CONCEPT)
+    targets = data.world_renders(seed + 3, 4, world.scenes, CONCEPT)
     x0 = jnp.asarray(targets * 2 - 1)
 
     def loss(prefix, key):

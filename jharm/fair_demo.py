@@ -23,8 +23,7 @@ import numpy as np
 
 from jharm import fairness
 from jharm.eval import fairness as fm
-from jharm.shapesworld import render
-from jharm.shapesworld.world import geometry, world_config
+from jharm.shapesworld import data, render
 
 DEMO = dict(batch=48, n_eval=48, n_prompted=12, n_centroid=16, steps=20, train_steps=120, lr=3e-3, lambda_q=1.0,
             lambda_r=0.05, tau=1000, taus=(0, 250, 500, 750, 1000), uce_rounds=6, uce_n=24, uce_step=2.0,
@@ -150,10 +149,10 @@ def evaluate(mini: Mini, setting: Setting, name: str, gen: dict, seed: int, d: d
         rec["bias_q"] = fm.bias_q(scores[None])
         images[concept + "_prompted"] = pims
         records.append(rec)
-    real, _ = render.render_batch(seed + 7, sum(len(f) for f in feats),
-                                  shape=[render.SHAPES.index(c) for c in setting.concepts
-                                         for _ in range(d["n_eval"] + k * d["n_prompted"])],
-                                  resolution=mini.model.sample_shape[0], **geometry(mini.scenes or world_config()))
+    real = data.world_renders(seed + 7, sum(len(f) for f in feats), mini.scenes,
+                              [render.SHAPES.index(c) for c in setting.concepts
+                               for _ in range(d["n_eval"] + k * d["n_prompted"])],
+                              resolution=mini.model.sample_shape[0])
     fd = fm.fid(np.concatenate(feats), _judge(mini, real)[1])
     for rec in records:
         rec["fd_judge"] = fd

@@ -58,6 +58,15 @@ def _colour_words() -> frozenset[str]:
     return frozenset(w for forms in captions.COLOUR_FORMS.values() for w in forms)
 
 
+def world_renders(seed: int, n: int, config=None, shape=None, resolution: int | None = None) -> np.ndarray:
+    """N renders drawn from ``seed`` with a world config's geometry (``shape``: as
+    ``render.sample_scenes`` takes it), at the world's resolution unless given."""
+    config = world_config() if config is None else config
+    images, _ = render.render_batch(seed, n, shape=shape, resolution=int(resolution or config.resolution),
+                                    supersample=int(config.supersample), **geometry(config))
+    return images
+
+
 def pair_batch(seed: int, step: int, batch_size: int, config=None, factor: int = 4) -> dict[str, np.ndarray]:
     """Low-/high-resolution pairs for the image-to-image bridge.
 

@@ -82,12 +82,11 @@ def _at_resolution(images: np.ndarray, resolution: int) -> np.ndarray:
     (what the renderer's supersampling does), anything else is an error."""
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"expected a non-empty NHWC batch of images, found shape {images.shape}")
-    n, h, w, c = images.shape
+    h, w = images.shape[1:3]
     if h != w or h % resolution:
         raise ValueError(f"the judge reads {resolution}x{resolution} images (or square multiples), "
                          f"found {h}x{w}")
-    f = h // resolution
-    return images if f == 1 else images.reshape(n, resolution, f, resolution, f, c).mean(axis=(2, 4))
+    return images if h == resolution else data.downsample(images, h // resolution)
 
 
 def _batched(params, images, config, batch_size: int, key: str | None) -> dict[str, np.ndarray]:

@@ -106,7 +106,7 @@ def schedule_of(tc):
     return make_schedule(s.pop("kind"), **s)
 
 
-def clip_image_input(images, image_size: int | None = None):
+def clip_image_input(images, image_size: int):
     """[0, 1] NHWC images -> the tiny CLIP's pixel values ([-1, 1]) at ``image_size``.
 
     Images of another size are resized (bilinear, antialiased), as CLIP's image
@@ -114,7 +114,7 @@ def clip_image_input(images, image_size: int | None = None):
     samples go through a 32x32 CLIP vision tower.
     """
     images = jnp.asarray(images)
-    if image_size is not None and images.shape[1:3] != (image_size, image_size):
+    if images.shape[1:3] != (image_size, image_size):
         images = jax.image.resize(images, (images.shape[0], image_size, image_size, images.shape[3]), "bilinear")
     return images * 2.0 - 1.0
 
