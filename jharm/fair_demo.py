@@ -216,7 +216,6 @@ def fair_scorecard(out_dir: str, seed: int = 0, mini: Mini | None = None, demo: 
     from jharm.erase_demo import grid
     from jharm.train.loop import train
     from jharm.train.tasks import make_task
-    from jharm.weights.io import atomic_write_bytes
 
     d = dict(DEMO, **(demo or {}))
     os.makedirs(out_dir, exist_ok=True)

@@ -1,6 +1,5 @@
 """LightFair through the one train loop: only the text encoder trains, loss decreases,
 the export loads in transformers; centroid provenance; bad input."""
-import os
 
 import jax
 import jax.numpy as jnp
