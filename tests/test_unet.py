@@ -78,6 +78,20 @@ def test_parity_with_diffusers_int_heads_conv_projection(tmp_path):
     assert max_abs(out, expected) <= 1e-4
 
 
+def test_parity_with_diffusers_only_cross_attention(tmp_path):
+    """Per-block only_cross_attention: block 0's attn1 (down and up) reads the text; the mid
+    block keeps self-attention, as diffusers' UNetMidBlock2DCrossAttn does."""
+    cfg = dict(TINY_A, only_cross_attention=(True, False))
+    ref = make_torch_unet(tmp_path / "unet", cfg)
+    module, variables, config = load_unet(str(tmp_path / "unet"))
+    assert config == UNetConfig(**cfg)
+    kernel = variables["params"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_k"]["kernel"]
+    assert kernel.shape == (TINY_A["cross_attention_dim"], 32)
+    x, t, ctx = inputs(TINY_A)
+    assert max_abs(jax.jit(module.apply)(variables, x, t, ctx), torch_eps(ref, x, t, ctx)) <= 1e-4
+    assert UNetConfig.from_diffusers_config(config.to_diffusers_config()) == config
+
+
 class _RecordProbs:
     """A diffusers attention processor that also stores the attention probabilities."""
 

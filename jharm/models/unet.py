@@ -49,10 +49,11 @@ _NEUTRAL = {
     "time_embedding_type": ("positional",), "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
     "projection_class_embeddings_input_dim": (None,), "attention_type": ("default",),
-    "class_embeddings_concat": (False,), "mid_block_only_cross_attention": (None, False),
-    "cross_attention_norm": (None,), "only_cross_attention": (False,),
+    "class_embeddings_concat": (False,), "cross_attention_norm": (None,),
 }
-_IGNORED = {"addition_embed_type_num_heads"}  # unused unless addition_embed_type is set
+# Unused by this architecture: the first unless addition_embed_type is set; the second because
+# diffusers' UNetMidBlock2DCrossAttn does not take it (its attn1 is always self-attention).
+_IGNORED = {"addition_embed_type_num_heads", "mid_block_only_cross_attention"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,9 @@ class UNetConfig:
     is the NUMBER of heads per block (SD 1.5: 8 heads; SD 2.x: (5, 10, 20, 20)),
     the head size is then channels // heads. ``ip_adapter_tokens`` > 0 adds the
     IP-Adapter ``to_k_ip``/``to_v_ip`` params to every attn2 (N image tokens);
+    ``only_cross_attention`` (one bool or one per block) makes a block's attn1
+    attend to the text as well instead of to the image (no self-attention: at
+    high resolution that saves the (H·W)² attention maps);
     ``remat`` wraps each block in ``nn.remat``; ``dtype`` is the compute dtype
     (params are always float32).
     """
@@ -86,14 +90,14 @@ class UNetConfig:
     attention_head_dim: int | tuple[int, ...] = 8
     use_linear_projection: bool = False
     upcast_attention: bool = False
-    only_cross_attention: bool = False
+    only_cross_attention: bool | tuple[bool, ...] = False
     ip_adapter_tokens: int = 0
     remat: bool = False
     dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("down_block_types", "up_block_types", "block_out_channels", "transformer_layers_per_block",
-                     "attention_head_dim"):
+                     "attention_head_dim", "only_cross_attention"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -106,7 +110,7 @@ class UNetConfig:
             bad = [t for t in getattr(self, name) if t not in allowed]
             if bad:
                 problems.append(f"{name}: unsupported {bad} (supported: {list(allowed)})")
-        for name in ("transformer_layers_per_block", "attention_head_dim"):
+        for name in ("transformer_layers_per_block", "attention_head_dim", "only_cross_attention"):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != n:
                 problems.append(f"{name} has {len(value)} entries, block_out_channels has {n}")
@@ -114,8 +118,6 @@ class UNetConfig:
             problems.append(f"layers_per_block must be one int (got {self.layers_per_block!r})")
         if not isinstance(self.cross_attention_dim, int):
             problems.append(f"cross_attention_dim must be one int (got {self.cross_attention_dim!r})")
-        if self.only_cross_attention:
-            problems.append("only_cross_attention=True is not supported")
         if self.downsample_padding not in (0, 1):
             problems.append(f"downsample_padding must be 0 or 1 (got {self.downsample_padding})")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -123,7 +125,7 @@ class UNetConfig:
         if problems:
             raise ValueError("UNetConfig: " + "; ".join(problems))
 
-    def per_block(self, name: str) -> tuple[int, ...]:
+    def per_block(self, name: str) -> tuple:
         value = getattr(self, name)
         return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
 
@@ -188,7 +190,8 @@ class _Geglu(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """LayerNorm -> self-attn (attn1) -> cross-attn (attn2) -> GEGLU FF, each residual."""
+    """LayerNorm -> self-attn (attn1; cross-attn with ``only_cross``) -> cross-attn (attn2) -> GEGLU FF,
+    each residual."""
 
     dim: int
     heads: int
@@ -196,12 +199,14 @@ class BasicTransformerBlock(nn.Module):
     upcast: bool
     ip_adapter: bool
     dtype: Any
+    only_cross: bool = False
 
     @nn.compact
     def __call__(self, x, context, ip_tokens, ip_scale, want_probs):
         attn = lambda name, ip: Attention(self.dim, self.heads, self.dim_head, self.upcast,  # noqa: E731
                                           ip_adapter=ip, dtype=self.dtype, name=name)
-        x = x + attn("attn1", False)(layer_norm(1e-5, self.dtype, "norm1")(x))[0]
+        h = layer_norm(1e-5, self.dtype, "norm1")(x)
+        x = x + attn("attn1", False)(h, context if self.only_cross else None)[0]
         h, probs = attn("attn2", self.ip_adapter)(layer_norm(1e-5, self.dtype, "norm2")(x), context,
                                                   ip_tokens, ip_scale, want_probs)
         x = x + h
@@ -220,6 +225,7 @@ class Transformer2DModel(nn.Module):
     upcast: bool
     ip_adapter: bool
     dtype: Any
+    only_cross: bool = False
 
     @nn.compact
     def __call__(self, x, context, ip_tokens, ip_scale, want_probs):
@@ -233,8 +239,8 @@ class Transformer2DModel(nn.Module):
         probs = {}
         for i in range(self.num_layers):
             h, p = BasicTransformerBlock(inner, self.heads, self.dim_head, self.upcast, self.ip_adapter,
-                                         self.dtype, name=f"transformer_blocks_{i}")(h, context, ip_tokens,
-                                                                                     ip_scale, want_probs)
+                                         self.dtype, self.only_cross, name=f"transformer_blocks_{i}")(
+                h, context, ip_tokens, ip_scale, want_probs)
             if want_probs:
                 probs[f"transformer_blocks_{i}/attn2"] = p
         if self.use_linear_projection:
@@ -262,10 +268,14 @@ class _BlockSettings(nn.Module):
         c = self.config
         return ResnetBlock2D(out_channels, c.norm_num_groups, c.norm_eps, scale, self.compute_dtype, name=name)
 
-    def transformer(self, channels: int, heads: int, layers: int, name: str):
+    def transformer(self, channels: int, block: int, name: str, only_cross: bool | None = None):
+        """The Transformer2DModel of down block ``block`` (up blocks pass their matching down block)."""
         c = self.config
-        return Transformer2DModel(heads, channels // heads, layers, c.norm_num_groups, c.use_linear_projection,
-                                  c.upcast_attention, c.ip_adapter_tokens > 0, self.compute_dtype, name=name)
+        heads = c.per_block("attention_head_dim")[block]
+        only_cross = c.per_block("only_cross_attention")[block] if only_cross is None else only_cross
+        return Transformer2DModel(heads, channels // heads, c.per_block("transformer_layers_per_block")[block],
+                                  c.norm_num_groups, c.use_linear_projection, c.upcast_attention,
+                                  c.ip_adapter_tokens > 0, self.compute_dtype, bool(only_cross), name=name)
 
 
 class DownBlock2D(_BlockSettings):
@@ -280,9 +290,7 @@ class DownBlock2D(_BlockSettings):
         for j in range(c.layers_per_block):
             h = self.resnet(out, f"resnets_{j}")(h, temb)
             if cross:
-                h, p = self.transformer(out, c.per_block("attention_head_dim")[i],
-                                        c.per_block("transformer_layers_per_block")[i], f"attentions_{j}")(
-                    h, context, ip_tokens, ip_scale, want_probs)
+                h, p = self.transformer(out, i, f"attentions_{j}")(h, context, ip_tokens, ip_scale, want_probs)
                 probs.update(_prefixed(f"attentions_{j}", p))
             skips.append(h)
         if i < len(c.block_out_channels) - 1:
@@ -299,8 +307,7 @@ class MidBlock2DCrossAttn(_BlockSettings):
         c = self.config
         ch = c.block_out_channels[-1]
         h = self.resnet(ch, "resnets_0", c.mid_block_scale_factor)(h, temb)
-        h, p = self.transformer(ch, c.per_block("attention_head_dim")[-1],
-                                c.per_block("transformer_layers_per_block")[-1], "attentions_0")(
+        h, p = self.transformer(ch, len(c.block_out_channels) - 1, "attentions_0", only_cross=False)(
             h, context, ip_tokens, ip_scale, want_probs)
         h = self.resnet(ch, "resnets_1", c.mid_block_scale_factor)(h, temb)
         return h, _prefixed("attentions_0", p)
@@ -320,9 +327,7 @@ class UpBlock2D(_BlockSettings):
             h = jnp.concatenate([h, skips[-1 - j]], axis=-1)
             h = self.resnet(out, f"resnets_{j}")(h, temb)
             if cross:
-                h, p = self.transformer(out, c.per_block("attention_head_dim")[rev],
-                                        c.per_block("transformer_layers_per_block")[rev], f"attentions_{j}")(
-                    h, context, ip_tokens, ip_scale, want_probs)
+                h, p = self.transformer(out, rev, f"attentions_{j}")(h, context, ip_tokens, ip_scale, want_probs)
                 probs.update(_prefixed(f"attentions_{j}", p))
         if up_size is not None:
             h = Upsample2D(out, self.compute_dtype, name="upsamplers_0")(h, up_size)
