@@ -26,7 +26,7 @@ import importlib.util
 import json
 import os
 import unicodedata
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import regex
@@ -74,6 +74,26 @@ def _clean_hf(text: str) -> str:
 
 
 _CLEANERS = {"openclip": _clean_openclip, "hf": _clean_hf}
+
+
+def byte_pair_encode(word: list[str], ranks: Mapping[tuple[str, str], int]) -> list[str]:
+    """Apply merges to the symbols of one word: repeatedly the lowest-ranked adjacent pair, every
+    occurrence of it at once (CLIP's and GPT-2's BPE)."""
+    while len(word) > 1:
+        ranked = [ranks[pair] for pair in zip(word, word[1:]) if pair in ranks]
+        if not ranked:
+            break
+        first, second = next(pair for pair in zip(word, word[1:]) if ranks.get(pair) == min(ranked))
+        merged, i = [], 0
+        while i < len(word):
+            if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
 
 
 class CLIPTokenizer:
@@ -175,27 +195,9 @@ class CLIPTokenizer:
         return len(self.encoder)
 
     def _bpe(self, token: str) -> list[str]:
-        if token in self._cache:
-            return self._cache[token]
-        word = list(token[:-1]) + [token[-1] + "</w>"]
-        while len(word) > 1:
-            ranked = [(self.bpe_ranks.get(pair, None), i) for i, pair in enumerate(zip(word, word[1:]))]
-            ranked = [(r, i) for r, i in ranked if r is not None]
-            if not ranked:
-                break
-            best = min(ranked)[0]
-            first, second = next(pair for pair in zip(word, word[1:]) if self.bpe_ranks.get(pair) == best)
-            merged, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        self._cache[token] = word
-        return word
+        if token not in self._cache:
+            self._cache[token] = byte_pair_encode(list(token[:-1]) + [token[-1] + "</w>"], self.bpe_ranks)
+        return self._cache[token]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS.

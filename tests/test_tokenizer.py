@@ -113,3 +113,10 @@ def test_errors(tmp_path):
         tok.CLIPTokenizer.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="pad must be"):
         tok.CLIPTokenizer.from_bpe_file(tok.open_clip_bpe_path(), pad="left")
+
+
+def test_byte_pair_encode_merges_every_occurrence_of_the_best_pair():
+    ranks = {("a", "b"): 0, ("ab", "ab"): 1, ("b", "a"): 2}
+    assert tok.byte_pair_encode(list("abab"), ranks) == ["abab"]  # both "ab" first, then "ab"+"ab"
+    assert tok.byte_pair_encode(list("bab"), ranks) == ["b", "ab"]
+    assert tok.byte_pair_encode(["x"], ranks) == ["x"]
