@@ -153,14 +153,14 @@ def dot_product_attention(q, k, v, heads: int, *, upcast: bool = False, return_p
     """
     b, lq, inner = q.shape
     d = inner // heads
-    q = q.reshape(b, lq, heads, d)
-    k = k.reshape(b, k.shape[1], heads, d)
-    v = v.reshape(b, v.shape[1], heads, d)
+    # Heads-major (B, H, L, d) before the two matmuls: XLA:CPU ran the (B, L, H, d) einsums 2-3x
+    # slower (a tiny UNet's forward 1.15-1.57 s -> 0.65-0.67 s, shared core); accelerators transpose anyway.
+    q, k, v = (x.reshape(b, x.shape[1], heads, d).transpose(0, 2, 1, 3) for x in (q, k, v))
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d ** -0.5)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (d ** -0.5)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, lq, inner)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v).transpose(0, 2, 1, 3).reshape(b, lq, inner)
     return (out, probs) if return_probs else out
 
 
