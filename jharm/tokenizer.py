@@ -83,7 +83,8 @@ def byte_pair_encode(word: list[str], ranks: Mapping[tuple[str, str], int]) -> l
         ranked = [ranks[pair] for pair in zip(word, word[1:]) if pair in ranks]
         if not ranked:
             break
-        first, second = next(pair for pair in zip(word, word[1:]) if ranks.get(pair) == min(ranked))
+        best = min(ranked)
+        first, second = next(pair for pair in zip(word, word[1:]) if ranks.get(pair) == best)
         merged, i = [], 0
         while i < len(word):
             if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
