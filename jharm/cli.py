@@ -181,6 +181,9 @@ def _cmd_shapesworld(subparsers) -> None:
         except (assets.AssetError, ValueError) as err:
             print(f"jharm shapesworld {args.action}: {err}", file=sys.stderr)
             return 1
+        except build_lib.BuildStopped as err:
+            print(f"jharm shapesworld build: {err}", file=sys.stderr)
+            return 143  # 128 + SIGTERM: schedulers read it as "pre-empted, run again"
         return 0
 
     parser.set_defaults(handler=handler)

@@ -133,3 +133,24 @@ def test_ip_adapter_metric_reproduces():
     got = report.ip_metrics(ip, t2i, assets.load_clip(), assets.load_judge(), want["ip_samples"]["n"],
                             seed=want["ip_samples"]["seed"], num_steps=want["ip_samples"]["num_steps"])
     assert got["ip_shape_match"] == pytest.approx(want["ip_shape_match"], abs=1e-6)
+
+
+def test_a_stage_stopped_by_sigterm_writes_nothing_and_the_cli_says_resume(tmp_path, monkeypatch, capsys):
+    """The train loop returns early (after a checkpoint) on SIGTERM; the build must not record
+    those weights as the stage's asset, and the CLI exits 143 so a scheduler reruns it."""
+    from jharm import cli
+    from jharm.shapesworld import build
+    from jharm.train.loop import TrainResult
+
+    def stopped(config, workdir):
+        return {"never": "written"}, 1.0, TrainResult(params=None, step=7, start_step=0, losses=[], metrics={},
+                                                      preempted=True)
+
+    monkeypatch.setattr(build, "_train", stopped)
+    out = tmp_path / "out"
+    with pytest.raises(build.BuildStopped, match=r"stage judge stopped by SIGTERM at step 7 of \d+"):
+        build.build(str(out), workdir=str(tmp_path / "work"), stages=("judge",), report=False)
+    assert not (out / "judge.safetensors").exists() and not (out / "manifest.json").exists()
+    code = cli.main(["shapesworld", "build", "--out", str(out), "--workdir", str(tmp_path / "work"),
+                     "--stages", "judge", "--no-report"])
+    assert code == 143 and "rerun the same command to resume" in capsys.readouterr().err

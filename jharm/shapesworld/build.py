@@ -42,6 +42,10 @@ def _entry(config, file: str, seconds: float, **extra) -> dict:
             "optim": json.loads(config.optim.to_json_best_effort()), "train_seconds": round(seconds, 1), **extra}
 
 
+class BuildStopped(RuntimeError):
+    """A stage's training was stopped (SIGTERM) before its last step; nothing of it was written."""
+
+
 def _train(config, workdir: str):
     from jharm.train.loop import gather_to_host, train
     from jharm.train.tasks import make_task
@@ -68,6 +72,10 @@ def build(out_dir: str | None = None, *, seed: int = 0, workdir: str = "runs/sha
             raise ValueError(f"unknown ShapesWorld build stage {stage!r}; known: {STAGES}")
         config = stage_config(stage, seed, steps.get(stage), _stage_overrides(stage, out_dir))
         params, seconds, result = _train(config, os.path.join(workdir, stage))
+        if result.preempted:  # the checkpoint is saved; half-trained weights must not become assets
+            raise BuildStopped(f"stage {stage} stopped by SIGTERM at step {result.step} of {config.train.steps} "
+                               f"(checkpoint in {os.path.join(workdir, stage)}); nothing of it was written to "
+                               f"{out_dir}; rerun the same command to resume")
         final_loss = float(result.metrics.get("loss", float("nan")))
         if stage == "ip_adapter":
             _save_ip(config, params, out_dir)
