@@ -1,7 +1,9 @@
 """Train the ShapesWorld tiny IP-Adapter (image projection + to_k_ip/to_v_ip) on the frozen T2I UNet.
 
 Needs ``--config.task.clip_dir`` and ``--config.task.t2i_dir``; run by
-``jharm shapesworld build`` as its last stage.
+``jharm shapesworld build`` as its last stage (16x16, the T2I's resolution; 291 s on
+2 CPU cores). Shipped: the generated shape matches the image prompt's 0.19 of the time
+(gate 0.85): the T2I under it does not draw shapes reliably yet.
 """
 from jharm.shapesworld.tasks import ip_task_config
 from jharm.train.defaults import base_config
@@ -17,4 +19,5 @@ def get_config():
     config.optim.warmup_steps = 20
     config.optim.schedule = "cosine"
     config.task = ip_task_config()
+    config.task.world.resolution = 16
     return config

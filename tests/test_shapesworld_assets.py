@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -113,7 +114,8 @@ def test_t2i_and_ip_adapter_load_and_run():
     refs = report.eval_images(2, 5)["image"]
     out = report.generate(t2i, clip, ["", ""], 0, num_steps=2, ip=ip, ip_images=refs, chunk=2)
     plain = report.generate(t2i, clip, ["a red square", "a blue circle"], 0, num_steps=2, chunk=2)
-    assert out.shape == plain.shape == (2, 32, 32, 3)
+    res = t2i.unet_config.sample_size
+    assert out.shape == plain.shape == (2, res, res, 3)
     assert np.isfinite(out).all() and np.isfinite(plain).all() and not np.allclose(out, plain)
     # T2I and IP-Adapter gate numbers come from `jharm shapesworld report` (stored in the manifest).
     t2i_m, ip_m = _metrics("t2i"), _metrics("ip_adapter")
@@ -154,3 +156,17 @@ def test_a_stage_stopped_by_sigterm_writes_nothing_and_the_cli_says_resume(tmp_p
     code = cli.main(["shapesworld", "build", "--out", str(out), "--workdir", str(tmp_path / "work"),
                      "--stages", "judge", "--no-report"])
     assert code == 143 and "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_a_stage_trained_with_ema_ships_the_ema_weights(tmp_path):
+    from jharm.shapesworld import build
+    from jharm.train.loop import gather_to_host
+
+    config = build.stage_config("judge", 0, 3, ["--config.train.ema_decay=0.5", "--config.train.batch_size=4"])
+    params, _, result = build._train(config, str(tmp_path / "work"))
+    shipped, ema, last = (jax.tree.leaves(t) for t in (params, gather_to_host(result.ema_params),
+                                                         gather_to_host(result.params)))
+    for a, b in zip(shipped, ema):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(shipped, last))
+    assert MANIFEST["models"]["t2i"]["weights"] == "ema"  # the shipped T2I is its EMA

@@ -12,6 +12,15 @@ from jharm.shapesworld import data, judge, render
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "shapesworld_judge.py")
 
+
+def _judge_task_config():
+    from jharm.config import get
+
+    return get(CONFIG).task
+
+
+TC = _judge_task_config()  # the shipped judge's task config (its world sets the resolution)
+
 # --- Fréchet distance -----------------------------------------------------------
 
 
@@ -109,30 +118,30 @@ apply = jax.jit(judge.judge_apply)
 
 
 def test_outputs_and_predictions(params):
-    images = data.judge_batch(0, 0, 10)["image"]
+    images = data.judge_batch(0, 0, 10, TC.world)["image"]
     out = apply(params, images)
     assert out["features"].shape == (10, 128)
     assert {k: v.shape for k, v in out.items() if k != "features"} == {
         "shape": (10, len(render.SHAPES)), "colour": (10, len(render.COLOUR_NAMES)),
         "background": (10, len(render.BACKGROUNDS))}
-    feats = judge.judge_features(params, images, batch_size=4)  # uneven last chunk
+    feats = judge.judge_features(params, images, TC, batch_size=4)  # uneven last chunk
     np.testing.assert_allclose(feats, np.asarray(out["features"]), atol=1e-5)
-    pred = judge.judge_predict(params, images, batch_size=3)
+    pred = judge.judge_predict(params, images, TC, batch_size=3)
     for head in judge.HEADS:
         np.testing.assert_array_equal(pred[head], np.asarray(out[head]).argmax(-1))
 
 
 def test_images_at_a_multiple_of_the_judges_resolution_are_box_downsampled(params):
-    images = data.judge_batch(0, 0, 6)["image"]
+    images = data.judge_batch(0, 0, 6, TC.world)["image"]
     res = images.shape[1]
     big = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)  # each pixel a 2x2 block
-    np.testing.assert_allclose(judge.judge_features(params, big), judge.judge_features(params, images), atol=1e-5)
+    np.testing.assert_allclose(judge.judge_features(params, big, TC), judge.judge_features(params, images, TC), atol=1e-5)
     with pytest.raises(ValueError, match=rf"the judge reads {res}x{res} images .* found {res + 3}x{res + 3}"):
-        judge.judge_predict(params, np.zeros((2, res + 3, res + 3, 3), np.float32))
+        judge.judge_predict(params, np.zeros((2, res + 3, res + 3, 3), np.float32), TC)
 
 
 def test_loss_is_the_sum_of_cross_entropies(params):
-    batch = data.judge_batch(0, 1, 16)
+    batch = data.judge_batch(0, 1, 16, TC.world)
     loss, metrics = jax.jit(judge.judge_loss)(params, batch)
     out = apply(params, batch["image"])
     total = 0.0
@@ -148,7 +157,7 @@ def test_loss_is_the_sum_of_cross_entropies(params):
 
 
 def test_gradients_reach_every_parameter_and_descend(params):
-    batch = data.judge_batch(0, 2, 32)
+    batch = data.judge_batch(0, 2, 32, TC.world)
     grad_fn = jax.jit(jax.value_and_grad(lambda p: judge.judge_loss(p, batch)[0]))
     loss0, grads = grad_fn(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -163,10 +172,11 @@ def test_gradients_reach_every_parameter_and_descend(params):
 
 def test_judge_task_contract(task, params):
     assert task.name == "shapesworld_judge"
+    res = TC.world.resolution
     assert jax.tree.structure(params) == jax.tree.structure(
-        jax.eval_shape(judge._module().init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+        jax.eval_shape(judge._module().init, jax.random.key(0), jnp.zeros((1, res, res, 3)))["params"])
     batch = task.make_batch(3)
-    assert batch["image"].shape == (8, 32, 32, 3)
+    assert batch["image"].shape == (8, res, res, 3)
     for key, value in task.make_batch(3).items():
         np.testing.assert_array_equal(value, batch[key])
     loss, metrics = jax.jit(task.loss_fn)(params, None, batch, jax.random.key(0))

@@ -52,7 +52,9 @@ def _train(config, workdir: str):
 
     start = time.time()
     result = train(config, make_task(config), workdir)
-    return gather_to_host(result.params), time.time() - start, result
+    # With train.ema_decay > 0 the EMA weights are the asset (what diffusion models ship).
+    params = result.params if result.ema_params is None else result.ema_params
+    return gather_to_host(params), time.time() - start, result
 
 
 def build(out_dir: str | None = None, *, seed: int = 0, workdir: str = "runs/shapesworld_build",
@@ -83,7 +85,7 @@ def build(out_dir: str | None = None, *, seed: int = 0, workdir: str = "runs/sha
         else:
             assets.save_params(out_dir, f"{stage}.safetensors", params)
             files = [f"{stage}.safetensors"]
-        extra = {"final_loss": final_loss}
+        extra = {"final_loss": final_loss, "weights": "ema" if result.ema_params is not None else "final"}
         if stage == "clip":
             from jharm.shapesworld.vocab import shapesworld_tokenizer
 
