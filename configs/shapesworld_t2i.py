@@ -25,7 +25,7 @@ def get_config():
     config.train.batch_size = 32
     config.train.log_every = 250
     config.train.ckpt_every = 500
-    config.train.ema_decay = 0.998  # the asset is the EMA (shape accuracy 0.33 vs 0.21 raw at 2000 steps)
+    config.train.ema_decay = 0.998  # the asset is the EMA (a 16x16 run at 2000 steps: shape 0.33 EMA vs 0.21 raw)
     config.optim.lr = 2e-3
     config.optim.warmup_steps = 100
     config.optim.schedule = "cosine"
