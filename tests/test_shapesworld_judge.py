@@ -8,18 +8,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from jharm.config import get
 from jharm.shapesworld import data, judge, render
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "shapesworld_judge.py")
-
-
-def _judge_task_config():
-    from jharm.config import get
-
-    return get(CONFIG).task
-
-
-TC = _judge_task_config()  # the shipped judge's task config (its world sets the resolution)
+TC = get(CONFIG).task  # the shipped judge's task config (its world sets the resolution)
 
 # --- Fréchet distance -----------------------------------------------------------
 
@@ -102,7 +95,6 @@ def test_fd_bad_inputs():
 
 @pytest.fixture(scope="module")
 def task():
-    from jharm.config import get
     from jharm.train.tasks import make_task
 
     return make_task(get(CONFIG, ["--config.train.batch_size=8"]))
@@ -189,7 +181,6 @@ def test_judge_task_contract(task, params):
 
 @pytest.mark.slow
 def test_judge_trains_through_the_loop_to_99_percent(tmp_path):
-    from jharm.config import get
     from jharm.train.loop import train
     from jharm.train.tasks import make_task
 
