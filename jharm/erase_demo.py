@@ -189,7 +189,7 @@ def attack_rate(world: World, variables, seed: int, steps: int, d: dict) -> floa
     against the erased model's denoising loss on real star renders."""
     from flax import traverse_util
 
-    from jharm.diffusion.schedules import add_noise, training_target
+    from jharm.diffusion.schedules import add_noise, diffusion_loss
     from jharm.eval.attacks import PrefixAttackConfig, prefix_attack
 
     flat = traverse_util.flatten_dict(world.text_params, sep="/")
@@ -208,7 +208,7 @@ def attack_rate(world: World, variables, seed: int, steps: int, d: dict) -> floa
         noise = jax.random.normal(k2, x0.shape)
         x_t = add_noise(world.schedule, x0, noise, t)
         pred = world.unet.apply(variables, x_t, t, jnp.broadcast_to(ctx, (len(x0),) + ctx.shape[1:]))
-        return jnp.mean((pred - training_target(world.schedule, x0, noise, t)) ** 2)
+        return diffusion_loss(world.schedule, pred, x0, noise, t)
 
     banned = tuple(int(i) for i in {world.tokenizer.bos_token_id, world.tokenizer.eos_token_id,
                                      world.tokenizer.pad_token_id})

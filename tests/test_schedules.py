@@ -76,6 +76,54 @@ def test_conversions_are_consistent():
     np.testing.assert_allclose(np.asarray(one[1]), np.asarray(x_t[1]), atol=1e-6, rtol=0)
 
 
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_match_the_diffusers_training_recipe(prediction_type):
+    from diffusers.training_utils import compute_snr
+
+    ref_sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+    sched = S.make_schedule("squaredcos_cap_v2", prediction_type=prediction_type)
+    t = np.array([0, 5, 100, 400, 700, 999])
+    snr = compute_snr(ref_sched, torch.from_numpy(t))
+    ref = torch.minimum(snr, torch.full_like(snr, 5.0))  # diffusers' train_text_to_image.py, --snr_gamma 5
+    ref = {"epsilon": ref / snr, "v_prediction": ref / (snr + 1), "sample": ref}[prediction_type]
+    np.testing.assert_allclose(np.asarray(S.min_snr_weight(sched, t, 5.0)), ref.numpy(), rtol=2e-5)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        S.min_snr_weight(sched, t, 0.0)
+
+
+
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_diffusion_loss_against_numpy(gamma):
+    sched = S.make_schedule("squaredcos_cap_v2", prediction_type="v_prediction")
+    rng = np.random.default_rng(1)
+    x0, noise, pred = (rng.standard_normal((3, 4, 4, 3)).astype(np.float32) for _ in range(3))
+    t = np.array([3, 480, 990])
+    abar = np.asarray(sched.alphas_cumprod, np.float64)[t][:, None, None, None]
+    v = np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0
+    per_example = ((pred - v) ** 2).mean(axis=(1, 2, 3))
+    snr = abar[:, 0, 0, 0] / (1 - abar[:, 0, 0, 0])
+    weight = np.minimum(snr, gamma) / (snr + 1) if gamma else np.ones(3)
+    np.testing.assert_allclose(float(S.diffusion_loss(sched, pred, x0, noise, t, gamma)),
+                               (per_example * weight).mean(), rtol=1e-5)
+
+def test_training_timesteps_uniform_and_logit_normal():
+    n, N = 20000, 1000
+    uniform = S.training_timesteps(np.random.default_rng(0), n, N)
+    # the uniform draw is DDPM's (and the same numbers as rng.integers, so old runs reproduce)
+    np.testing.assert_array_equal(uniform, np.random.default_rng(0).integers(0, N, n))
+    ln = S.training_timesteps(np.random.default_rng(0), n, N, "logit_normal", logit_mean=0.0, logit_std=1.0)
+    assert ln.dtype == np.int32 and ln.min() >= 0 and ln.max() <= N - 1
+    # median at sigmoid(0) * N; P(t in [N/4, 3N/4]) = P(|u| < log 3) = 0.728 for u ~ N(0, 1)
+    assert abs(np.median(ln) - N / 2) < 10
+    assert abs(((ln >= N // 4) & (ln < 3 * N // 4)).mean() - 0.7275) < 0.01
+    shifted = S.training_timesteps(np.random.default_rng(0), n, N, "logit_normal", logit_mean=1.0)
+    assert np.median(shifted) > 700  # sigmoid(1) = 0.73
+    with pytest.raises(ValueError, match="timestep sampling"):
+        S.training_timesteps(np.random.default_rng(0), 4, N, "beta")
+    with pytest.raises(ValueError, match="logit_std > 0"):
+        S.training_timesteps(np.random.default_rng(0), 4, N, "logit_normal", logit_std=0.0)
+
 SD15_JSON = {  # SD 1.5's scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,

@@ -9,16 +9,19 @@ from jharm.diffusion.samplers import SamplerPlan, make_plan, sample, step_noise
 from jharm.diffusion.schedules import (
     NoiseSchedule,
     add_noise,
+    diffusion_loss,
     from_scheduler_config,
     get_velocity,
     make_schedule,
+    min_snr_weight,
     sd_schedule,
     snr,
     training_target,
+    training_timesteps,
 )
 
 __all__ = [
     "CFG", "SLD", "FairDiffusion", "balanced_directions", "sld_preset", "SamplerPlan", "make_plan", "sample", "step_noise", "NoiseSchedule",
-    "add_noise", "from_scheduler_config", "get_velocity", "make_schedule", "sd_schedule", "snr",
-    "training_target",
+    "add_noise", "diffusion_loss", "from_scheduler_config", "get_velocity", "make_schedule", "min_snr_weight",
+    "sd_schedule", "snr", "training_target", "training_timesteps",
 ]

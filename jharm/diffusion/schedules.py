@@ -251,6 +251,18 @@ def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t)
     return x0
 
 
+def diffusion_loss(schedule: NoiseSchedule, pred: jax.Array, x0: jax.Array, noise: jax.Array, t,
+                   min_snr_gamma: float = 0.0) -> jax.Array:
+    """The denoising loss: mean squared error of ``pred`` (the network's output at
+    ``add_noise(x0, noise, t)``) to the training target; with ``min_snr_gamma > 0``
+    each example's error is weighted by :func:`min_snr_weight`."""
+    err = (pred - training_target(schedule, x0, noise, t)) ** 2
+    if not min_snr_gamma:
+        return jnp.mean(err)
+    per_example = jnp.mean(err, axis=tuple(range(1, err.ndim)))
+    return jnp.mean(per_example * min_snr_weight(schedule, t, min_snr_gamma))
+
+
 def eps_to_x0(schedule: NoiseSchedule, x_t: jax.Array, eps: jax.Array, t) -> jax.Array:
     """x0 implied by a noise prediction: ``(x_t - sqrt(1-ᾱ) eps) / sqrt(ᾱ)``."""
     a, s = _sqrt_alphas(schedule, t, x_t.ndim)
@@ -302,3 +314,44 @@ def snr(schedule: NoiseSchedule, t) -> jax.Array:
     """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) at integer timestep(s) ``t``."""
     abar = schedule.alphas_cumprod[jnp.asarray(t, jnp.int32)]
     return abar / (1 - abar)
+
+
+def min_snr_weight(schedule: NoiseSchedule, t, gamma: float) -> jax.Array:
+    """Min-SNR-γ loss weights (Hang et al., ICCV 2023) at timestep(s) ``t``.
+
+    The x0-space weight ``min(SNR, γ)`` expressed for the schedule's
+    ``prediction_type``: ``min(SNR, γ) / SNR`` for epsilon targets,
+    ``min(SNR, γ) / (SNR + 1)`` for v targets, ``min(SNR, γ)`` for x0 targets
+    (the forms of diffusers' ``compute_snr`` recipe). Multiply the per-example
+    MSE by it; low-noise steps, which dominate the plain loss, get less weight.
+    """
+    if gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be > 0, found {gamma}")
+    s = snr(schedule, t)
+    clipped = jnp.minimum(s, gamma)
+    if schedule.prediction_type == "epsilon":
+        return clipped / s
+    if schedule.prediction_type == "v_prediction":
+        return clipped / (s + 1)
+    return clipped
+
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def training_timesteps(rng: np.random.Generator, n: int, num_train_timesteps: int, sampling: str = "uniform",
+                       logit_mean: float = 0.0, logit_std: float = 1.0) -> np.ndarray:
+    """``n`` integer training timesteps in ``[0, num_train_timesteps)`` (host side, int32).
+
+    ``"uniform"``: DDPM's uniform draw. ``"logit_normal"``: ``t = ⌊N·sigmoid(u)⌋``
+    with ``u ~ N(logit_mean, logit_std²)`` (SD3's timestep density), which puts
+    the batches where the image's layout is decided (mid noise) and fewer at
+    the ends.
+    """
+    _check_choice("timestep sampling", sampling, TIMESTEP_SAMPLINGS)
+    if sampling == "uniform":
+        return rng.integers(0, num_train_timesteps, n).astype(np.int32)
+    if logit_std <= 0:
+        raise ValueError(f"logit_normal timestep sampling needs logit_std > 0, found {logit_std}")
+    u = 1.0 / (1.0 + np.exp(-rng.normal(logit_mean, logit_std, n)))
+    return np.minimum((u * num_train_timesteps).astype(np.int32), num_train_timesteps - 1)

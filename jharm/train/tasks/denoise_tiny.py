@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from jharm.config import ConfigError
-from jharm.diffusion.schedules import add_noise, make_schedule, training_target
+from jharm.diffusion.schedules import add_noise, diffusion_loss, make_schedule
 from jharm.train.task import Task
 
 
@@ -144,8 +144,7 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
         del frozen, rng  # the batch carries all randomness
         x_t = add_noise(schedule, batch["x0"], batch["noise"], batch["t"])
         pred = predict(params, x_t, batch["t"], batch["context"])
-        target = training_target(schedule, batch["x0"], batch["noise"], batch["t"])
-        loss = jnp.mean((pred - target) ** 2)
+        loss = diffusion_loss(schedule, pred, batch["x0"], batch["noise"], batch["t"])
         return loss, {"mse": loss}
 
     return Task(name="denoise_tiny", init_params=init_params, loss_fn=loss_fn, make_batch=make_batch)
