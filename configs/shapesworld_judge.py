@@ -1,10 +1,11 @@
 """Train the ShapesWorld judge (shape/colour/background classifier, FD-judge features).
 
-``jharm train --config=configs/shapesworld_judge.py --workdir=runs/judge``; 16x16 renders, about
-half a minute on 2 CPU cores, >= 99 % shape and colour accuracy on fresh renders
-(shipped: 0.998 / 1.000).
+``jharm train --config=configs/shapesworld_judge.py --workdir=runs/judge``; renders of the build
+world (16x16, larger shapes), about half a minute on 2 CPU cores, >= 99 % shape and colour
+accuracy on fresh renders (shipped: 1.000 / 1.000).
 """
 from jharm.shapesworld.judge import judge_task_config
+from jharm.shapesworld.world import BUILD_WORLD
 from jharm.train.defaults import base_config
 
 
@@ -20,5 +21,5 @@ def get_config():
     config.optim.schedule = "cosine"
     config.optim.final_lr_ratio = 0.05
     config.task = judge_task_config()
-    config.task.world.resolution = 16
+    config.task.world.update(BUILD_WORLD)  # 16x16, larger shapes (jharm/shapesworld/world.py)
     return config

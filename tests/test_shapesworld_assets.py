@@ -121,10 +121,12 @@ def test_t2i_and_ip_adapter_load_and_run():
     t2i_m, ip_m = _metrics("t2i"), _metrics("ip_adapter")
     assert t2i_m["t2i_samples"]["num_steps"] == 50 and np.isfinite(t2i_m["fd_judge"])
     assert 0.0 <= ip_m["ip_shape_match"] <= 1.0
-    # The T2I's shape gates are not met (see configs/shapesworld_t2i.py); what it does learn
-    # is asserted: the colour bias of neutral circle prompts points the data's way.
-    circle = t2i_m["t2i_neutral_colours"]["circle"]
-    assert circle.get("green", 0.0) > 0.5 > circle.get("yellow", 0.0)
+    # The T2I's gates are not met (see configs/shapesworld_t2i.py); what it does learn is
+    # asserted: the prompted shape far above chance (1/8), synonyms too, and the colour bias of
+    # neutral square prompts pointing the data's way (85 % red / 15 % blue).
+    assert t2i_m["t2i_shape_acc"] > 0.3 and t2i_m["t2i_synonym_shape_acc"] > 0.5
+    square = t2i_m["t2i_neutral_colours"]["square"]
+    assert square.get("red", 0.0) > 0.5 > square.get("blue", 0.0)
     assert t2i.schedule.prediction_type == "v_prediction" and t2i.schedule.clip_sample
 
 

@@ -10,6 +10,7 @@ import scipy.linalg
 
 from jharm.config import get
 from jharm.shapesworld import data, judge, render
+from jharm.shapesworld.world import geometry
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "shapesworld_judge.py")
 TC = get(CONFIG).task  # the shipped judge's task config (its world sets the resolution)
@@ -189,15 +190,17 @@ def test_judge_trains_through_the_loop_to_99_percent(tmp_path):
     result = train(config, make_task(config), str(tmp_path))
     seconds = time.perf_counter() - start
     params = jax.device_get(result.params)
-    fresh = data.judge_batch(seed=424242, step=0, batch_size=3000)  # a seed training never used
+    world = config.task.world  # fresh renders of the world the judge is trained in
+    fresh = data.judge_batch(seed=424242, step=0, batch_size=3000, config=world)  # a seed training never used
     pred = judge.judge_predict(params, fresh["image"], config.task)
     acc = {head: float((pred[head] == fresh[head]).mean()) for head in judge.HEADS}
     print(f"judge: {config.train.steps} steps x {config.train.batch_size} in {seconds:.0f}s, accuracy {acc}")
     assert acc["shape"] >= 0.99 and acc["colour"] >= 0.99 and acc["background"] >= 0.99, acc
     # FD-judge: two independent real sets are close; a set of one shape and colour is far.
     feats = lambda images: judge.judge_features(params, images, config.task)  # noqa: E731
-    real_a = feats(data.judge_batch(1, 0, 1000)["image"])
-    real_b = feats(data.judge_batch(2, 0, 1000)["image"])
-    skewed = feats(render.render_batch(3, 1000, shape="square", colour="red")[0])
+    real_a = feats(data.judge_batch(1, 0, 1000, world)["image"])
+    real_b = feats(data.judge_batch(2, 0, 1000, world)["image"])
+    skewed = feats(render.render_batch(3, 1000, shape="square", colour="red", resolution=world.resolution,
+                                       **geometry(world))[0])
     near, far = judge.frechet_distance(real_a, real_b), judge.frechet_distance(real_a, skewed)
     assert far > 10 * near, (near, far)
