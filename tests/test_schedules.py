@@ -76,7 +76,6 @@ def test_conversions_are_consistent():
     np.testing.assert_allclose(np.asarray(one[1]), np.asarray(x_t[1]), atol=1e-6, rtol=0)
 
 
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_min_snr_weights_match_the_diffusers_training_recipe(prediction_type):
     from diffusers.training_utils import compute_snr
@@ -92,7 +91,6 @@ def test_min_snr_weights_match_the_diffusers_training_recipe(prediction_type):
         S.min_snr_weight(sched, t, 0.0)
 
 
-
 @pytest.mark.parametrize("gamma", [0.0, 5.0])
 def test_diffusion_loss_against_numpy(gamma):
     sched = S.make_schedule("squaredcos_cap_v2", prediction_type="v_prediction")
@@ -106,6 +104,7 @@ def test_diffusion_loss_against_numpy(gamma):
     weight = np.minimum(snr, gamma) / (snr + 1) if gamma else np.ones(3)
     np.testing.assert_allclose(float(S.diffusion_loss(sched, pred, x0, noise, t, gamma)),
                                (per_example * weight).mean(), rtol=1e-5)
+
 
 def test_training_timesteps_uniform_and_logit_normal():
     n, N = 20000, 1000
@@ -123,6 +122,7 @@ def test_training_timesteps_uniform_and_logit_normal():
         S.training_timesteps(np.random.default_rng(0), 4, N, "beta")
     with pytest.raises(ValueError, match="logit_std > 0"):
         S.training_timesteps(np.random.default_rng(0), 4, N, "logit_normal", logit_std=0.0)
+
 
 SD15_JSON = {  # SD 1.5's scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,

@@ -176,18 +176,16 @@ def clip_task(config) -> Task:
     return Task(name="shapesworld_clip", init_params=init_params, loss_fn=loss_fn, make_batch=make_batch)
 
 
-def _noised(rng: np.random.Generator, images: np.ndarray, num_train_timesteps: int, tc=None) -> dict[str, np.ndarray]:
-    """x0 in [-1, 1], noise, timesteps (drawn per ``tc.timestep_sampling`` when ``tc`` has it, else uniform)."""
+def _noised(rng: np.random.Generator, images: np.ndarray, num_train_timesteps: int,
+            **sampling) -> dict[str, np.ndarray]:
+    """x0 in [-1, 1], noise, timesteps (``sampling``: ``training_timesteps`` options; default uniform)."""
     x0 = (images * 2.0 - 1.0).astype(np.float32)
     noise = rng.standard_normal(images.shape).astype(np.float32)
-    sampling = dict(sampling=tc.timestep_sampling, logit_mean=tc.logit_mean,
-                    logit_std=tc.logit_std) if tc is not None and "timestep_sampling" in tc else {}
     return {"x0": x0, "noise": noise, "t": training_timesteps(rng, len(images), num_train_timesteps, **sampling)}
 
 
-
 def t2i_task(config) -> Task:
-    """Tiny T2I: epsilon-prediction DDPM training of jharm's UNet in pixel space
+    """Tiny T2I: DDPM training (the schedule config's prediction type) of jharm's UNet in pixel space
     ([-1, 1] images), conditioned on the frozen tiny CLIP's last hidden state."""
     from jharm.shapesworld import assets
 
@@ -198,6 +196,8 @@ def t2i_task(config) -> Task:
     schedule = schedule_of(tc)
     seed, batch_size, world = int(tc.data_seed), int(config.train.batch_size), tc.world
     text = CLIPTextModel(clip.text_config)
+    min_snr_gamma = float(tc.min_snr_gamma)
+    sampling = dict(sampling=tc.timestep_sampling, logit_mean=float(tc.logit_mean), logit_std=float(tc.logit_std))
 
     def init_params(rng):
         return unet.init_params(rng, context_len=clip.tokenizer.max_length)["params"]
@@ -207,14 +207,13 @@ def t2i_task(config) -> Task:
         context = text.apply({"params": frozen}, batch["ids"])["last_hidden_state"]
         x_t = add_noise(schedule, batch["x0"], batch["noise"], batch["t"])
         pred = unet.apply({"params": params}, x_t, batch["t"], jax.lax.stop_gradient(context))
-        gamma = float(tc.get("min_snr_gamma", 0.0))  # absent from manifests older than the option
-        return diffusion_loss(schedule, pred, batch["x0"], batch["noise"], batch["t"], gamma), {}
+        return diffusion_loss(schedule, pred, batch["x0"], batch["noise"], batch["t"], min_snr_gamma), {}
 
     def make_batch(step):
         b = data.caption_batch(seed, step, batch_size, world)
         rng = data.batch_rng(seed, step, "t2i_noise")
         texts = [("" if drop else c) for c, drop in zip(b["caption"], rng.random(batch_size) < tc.p_uncond)]
-        return {"ids": clip.tokenizer(texts), **_noised(rng, b["image"], schedule.num_train_timesteps, tc)}
+        return {"ids": clip.tokenizer(texts), **_noised(rng, b["image"], schedule.num_train_timesteps, **sampling)}
 
     return Task(name="shapesworld_t2i", init_params=init_params, loss_fn=loss_fn, make_batch=make_batch,
                 frozen=clip.text_params)
