@@ -7,13 +7,13 @@ scale the report samples with (DDIM 50 steps). The recipe and why each choice
 ``t2i_task_config`` and docs/shapesworld.md.
 
 Measured on the shipped assets (2000 steps in the build world: 16x16, shape radii
-0.32-0.44; build seed 0, EMA weights; 1145 s on 2 idle CPU cores), DDIM 50, CFG 3:
-shape accuracy 0.45 over the colour-shape prompts (chance 0.125), shape and colour
-right on 0.20 of them (min over prompts 0), synonym prompts' shape 0.73, neutral
-prompts square red 0.53 (data 0.85), FD-judge 105; with DDIM 25 steps 0.65 / 0.46 /
-0.86. The previous assets (default shape sizes, 3000 steps): shape 0.21, synonyms
-0.30. Shapes are recognisable now; colour fidelity and the >= 80-90 % gates are not
-there yet (docs/shapesworld.md).
+0.32-0.44; build seed 0, EMA weights; 1145 s on 2 idle CPU cores), DDIM 50 without x0
+clipping, CFG 3, 64 samples per prompt: shape and colour right on 0.94 of the
+colour-shape prompts' samples (min over prompts 0.31), shape 0.94, synonym prompts
+0.96, neutral prompts' majority colour 0.98 for square and circle (data 0.85 / 0.80),
+FD-judge 36. The same weights with x0 clipping (diffusers' DDIM default) gave 0.20 /
+0.45 / 0.73: the sampler setting, not the training, held the model back
+(docs/shapesworld.md).
 """
 from jharm.shapesworld.tasks import t2i_task_config
 from jharm.shapesworld.world import BUILD_WORLD

@@ -121,13 +121,15 @@ def test_t2i_and_ip_adapter_load_and_run():
     t2i_m, ip_m = _metrics("t2i"), _metrics("ip_adapter")
     assert t2i_m["t2i_samples"]["num_steps"] == 50 and np.isfinite(t2i_m["fd_judge"])
     assert 0.0 <= ip_m["ip_shape_match"] <= 1.0
-    # The T2I's gates are not met (see configs/shapesworld_t2i.py); what it does learn is
-    # asserted: the prompted shape far above chance (1/8), synonyms too, and the colour bias of
+    # Not every T2I gate is met (docs/shapesworld.md); what it does learn is asserted: colour and
+    # shape words followed on most samples (chance 1/48), synonyms too, and the colour bias of
     # neutral square prompts pointing the data's way (85 % red / 15 % blue).
-    assert t2i_m["t2i_shape_acc"] > 0.3 and t2i_m["t2i_synonym_shape_acc"] > 0.5
+    assert t2i_m["t2i_mean_prompt_acc"] > 0.85 and t2i_m["t2i_shape_acc"] > 0.85
+    assert t2i_m["t2i_synonym_shape_acc"] > 0.85 and ip_m["ip_shape_match"] > 0.5
     square = t2i_m["t2i_neutral_colours"]["square"]
     assert square.get("red", 0.0) > 0.5 > square.get("blue", 0.0)
-    assert t2i.schedule.prediction_type == "v_prediction" and t2i.schedule.clip_sample
+    # DDIM without x0 clipping: with it, this model's colours and shapes fall apart (tasks.t2i_task_config).
+    assert t2i.schedule.prediction_type == "v_prediction" and not t2i.schedule.clip_sample
 
 
 @pytest.mark.slow
