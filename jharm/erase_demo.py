@@ -23,8 +23,10 @@ import numpy as np
 from jharm.shapesworld import captions, data, render
 
 CONCEPT = "star"
-DEMO = dict(n_per_prompt=8, sample_steps=25, esd_steps=150, co_steps=80, batch_size=4, lr=1e-4, train_sample_steps=10,
-            attack_prompts=8, attack_steps=20)
+# eta 0.5 (ESD's default is 1.0): erasing "star" at eta 1 also wipes out "cross", its nearest
+# neighbour (cross right 0.11 after 100 ESD-u steps vs 0.61 at eta 0.5; docs/erasure.md).
+DEMO = dict(n_per_prompt=8, sample_steps=25, esd_steps=100, co_steps=80, batch_size=4, lr=1e-4, eta=0.5,
+            train_sample_steps=10, attack_prompts=8, attack_steps=20)
 TEMPLATES = ("a {shape}", "a picture of a {shape}", "a {colour} {shape}")
 COLOURS = ("red", "blue", "green", "yellow")
 
@@ -147,7 +149,7 @@ def scorecard(world: World, variables, seed: int, steps: int, n: int) -> tuple[d
     others = [s for s in render.SHAPES if s != CONCEPT]
     prompts, labels = [], []
     for s in others:
-        p = _prompts(s, captions.surface_forms(s, "canonical"))[:n]
+        p = (_prompts(s, captions.surface_forms(s, "canonical")) * n)[:n]
         prompts += p
         labels += [render.SHAPES.index(s)] * len(p)
     images["others"] = generate(world, variables, prompts, seed + 1, steps)
@@ -170,17 +172,20 @@ def grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
     return (out * 255).round().astype(np.uint8)
 
 
-def erase_config(method: str, steps: int, batch_size: int, lr: float, sample_steps: int):
+def erase_config(method: str, settings: dict | None = None):
+    """The ShapesWorld ESD-u ("esd") or Co-Erasing ("co_erasing") train config at the demo's settings."""
     from jharm.train.defaults import base_config
     from jharm.train.tasks.erasure import default_task_config
 
+    d = dict(DEMO, **(settings or {}))
+    steps = d["esd_steps"] if method == "esd" else d["co_steps"]
     c = base_config()
-    c.train.update(steps=steps, batch_size=batch_size, log_every=10, ckpt_every=10 * steps, async_checkpoint=False,
-                   export=False)
-    c.optim.update(name="adam", lr=lr, clip_norm=0.0)
+    c.train.update(steps=steps, batch_size=d["batch_size"], log_every=10, ckpt_every=10 * steps,
+                   async_checkpoint=False, export=False)
+    c.optim.update(name="adam", lr=d["lr"], clip_norm=0.0)
     c.task = default_task_config(method)
     c.task.update(source="shapesworld", concept=CONCEPT, prompt=f"a {CONCEPT}", param_set="esd-u",
-                  sample_steps=sample_steps, sample_guidance=3.0, blur_kernel=3)
+                  sample_steps=d["train_sample_steps"], sample_guidance=3.0, blur_kernel=3, eta=d["eta"])
     return c
 
 
@@ -239,12 +244,12 @@ def erase_scorecard(out_dir: str, seed: int = 0, settings: dict | None = None) -
     steps, n = d["sample_steps"], d["n_per_prompt"]
     results, models = {}, {"base": world.variables}
     # Stage 1: ESD-u.
-    esd_cfg = erase_config("esd", d["esd_steps"], d["batch_size"], d["lr"], d["train_sample_steps"])
+    esd_cfg = erase_config("esd", d)
     esd = train(esd_cfg, build_task(esd_cfg, shapesworld_model(esd_cfg, world)), os.path.join(out_dir, "esd_u"))
     models["esd_u"] = jax.device_get(esd.params)
     # Stage 2: Co-Erasing from the ESD-u model (teacher = stage 1), images of the concept from the clean model.
     concept_images = generate(world, world.variables, _prompts(CONCEPT, (CONCEPT,)) * 2, seed + 9, steps)
-    co_cfg = erase_config("co_erasing", d["co_steps"], d["batch_size"], d["lr"], d["train_sample_steps"])
+    co_cfg = erase_config("co_erasing", d)
     stage1 = dataclasses.replace(world, variables=models["esd_u"])
     co = train(co_cfg, build_task(co_cfg, shapesworld_model(co_cfg, stage1, concept_images)),
                os.path.join(out_dir, "co_erasing"))

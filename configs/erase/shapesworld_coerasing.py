@@ -3,8 +3,8 @@
     jharm train --config=configs/erase/shapesworld_coerasing.py --workdir=runs/sw_co \
       --config.task.stage1_unet=runs/sw_esd/params.safetensors --config.task.concept_images=runs/star_images
 """
-from jharm.erase_demo import DEMO, erase_config
+from jharm.erase_demo import erase_config
 
 
 def get_config():
-    return erase_config("co_erasing", DEMO["co_steps"], DEMO["batch_size"], DEMO["lr"], DEMO["train_sample_steps"])
+    return erase_config("co_erasing")

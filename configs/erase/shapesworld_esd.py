@@ -2,8 +2,8 @@
 
     jharm train --config=configs/erase/shapesworld_esd.py --workdir=runs/sw_esd
 """
-from jharm.erase_demo import DEMO, erase_config
+from jharm.erase_demo import erase_config
 
 
 def get_config():
-    return erase_config("esd", DEMO["esd_steps"], DEMO["batch_size"], DEMO["lr"], DEMO["train_sample_steps"])
+    return erase_config("esd")
