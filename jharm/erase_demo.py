@@ -25,7 +25,9 @@ from jharm.shapesworld import captions, data, render
 CONCEPT = "star"
 # eta 0.5 (ESD's default is 1.0): erasing "star" at eta 1 also wipes out "cross", its nearest
 # neighbour (cross right 0.11 after 100 ESD-u steps vs 0.61 at eta 0.5; docs/erasure.md).
-DEMO = dict(n_per_prompt=8, sample_steps=25, esd_steps=100, co_steps=80, batch_size=4, lr=1e-4, eta=0.5,
+# 16 samples per prompt: 64 canonical samples, so that the "<= 10 % of a ~50 % base rate" gate
+# is resolved by more than one sample (at 8 per prompt, one sample is 7 % of the base rate).
+DEMO = dict(n_per_prompt=16, sample_steps=25, esd_steps=100, co_steps=80, batch_size=4, lr=1e-4, eta=0.5,
             train_sample_steps=10, attack_prompts=8, attack_steps=20)
 TEMPLATES = ("a {shape}", "a picture of a {shape}", "a {colour} {shape}")
 COLOURS = ("red", "blue", "green", "yellow")
