@@ -117,17 +117,15 @@ def shapesworld_model(config: ml_collections.ConfigDict, world: World | None = N
 
 def generate(world: World, variables, prompts, seed: int, steps: int) -> np.ndarray:
     """[0, 1] images, one per prompt, DDIM ``steps`` with the asset's CFG scale."""
-    from jharm.diffusion.samplers import make_plan, sample
+    from jharm.shapesworld.report import ddim_sampler
 
-    plan = make_plan(world.schedule, "ddim", steps)
     ctx = encode(world, ["", *prompts])
     b = len(prompts)
     contexts = jnp.stack([jnp.broadcast_to(ctx[:1], (b,) + ctx.shape[1:]), ctx[1:]])
     res = world.unet.config.sample_size
     x_T = jax.random.normal(jax.random.key(seed), (b, res, res, 3))
-    run = jax.jit(lambda v, c, x: sample(lambda x, t, cc: world.unet.apply(v, x, t, cc), plan, x, c,
-                                         guidance_scale=world.guidance))
-    return np.clip(np.asarray(run(variables, contexts, x_T)) / 2 + 0.5, 0, 1)
+    run = ddim_sampler(world.unet.config, world.schedule, steps, world.guidance)
+    return np.clip(np.asarray(run(variables, x_T, {"text": contexts})) / 2 + 0.5, 0, 1)
 
 
 def judge_shapes(world: World, images) -> np.ndarray:

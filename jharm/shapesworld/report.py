@@ -102,6 +102,13 @@ def _sampler(unet_config, num_steps: int, guidance_scale: float, schedule_key):
 _SCHEDULES: dict = {}
 
 
+def ddim_sampler(unet_config, schedule, num_steps: int, guidance_scale: float):
+    """The jitted DDIM + CFG sampler ``run(variables, x_T, {"text": ..., "ip": ...})``, built once
+    per (UNet config, schedule, steps, scale) and reused, so repeated calls do not recompile."""
+    _SCHEDULES[id(schedule)] = schedule
+    return _sampler(unet_config, num_steps, float(guidance_scale), id(schedule))
+
+
 def generate(t2i: assets.T2IAsset, clip: assets.ClipAsset, prompts, seed: int, *, num_steps: int = 50,
              guidance_scale: float | None = None, ip=None, ip_images=None, chunk: int = 64) -> np.ndarray:
     """Sample one image per prompt ([0, 1], NHWC) with DDIM + CFG (row 0: empty text).
@@ -112,11 +119,10 @@ def generate(t2i: assets.T2IAsset, clip: assets.ClipAsset, prompts, seed: int, *
     from jharm.models.clip import CLIPTextModel
 
     scale = t2i.guidance_scale if guidance_scale is None else guidance_scale
-    _SCHEDULES[id(t2i.schedule)] = t2i.schedule
     ucfg, variables = t2i.unet_config, {"params": t2i.unet_params}
     if ip is not None:
         ucfg, variables = ip.merge(t2i.unet_config, t2i.unet_params)
-    run = _sampler(ucfg, num_steps, float(scale), id(t2i.schedule))
+    run = ddim_sampler(ucfg, t2i.schedule, num_steps, scale)
     text = CLIPTextModel(clip.text_config)
     encode = jax.jit(lambda ids: text.apply({"params": clip.text_params}, ids)["last_hidden_state"])
     res = int(ucfg.sample_size)
