@@ -10,7 +10,7 @@ import pytest
 from jharm import erase_demo
 
 TINY = dict(n_per_prompt=1, sample_steps=2, esd_steps=2, co_steps=2, batch_size=2, train_sample_steps=2,
-            attack_prompts=2, attack_steps=1)
+            attack_tokens=2, attack_steps=1)
 
 
 @pytest.fixture(scope="module")
