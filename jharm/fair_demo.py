@@ -26,7 +26,7 @@ from jharm.eval import fairness as fm
 from jharm.shapesworld import data, render
 
 DEMO = dict(batch=48, n_eval=48, n_prompted=12, n_centroid=16, steps=20, train_steps=120, lr=3e-3, lambda_q=1.0,
-            lambda_r=0.05, tau=1000, taus=(0, 250, 500, 750, 1000), uce_rounds=6, uce_n=24, uce_step=2.0,
+            lambda_r=1.0, tau=1000, taus=(0, 250, 500, 750, 1000), uce_rounds=6, uce_n=24, uce_step=2.0,
             debias_vl_lambda=500.0)
 
 
@@ -96,7 +96,10 @@ def lightfair_config(mini: Mini, setting: Setting, centroids: str, d: dict):
                    ckpt_every=10 * d["train_steps"], async_checkpoint=False, progress=False)
     c.optim.update(name="adam", lr=d["lr"], clip_norm=0.0)
     c.task = default_task_config()
+    # Keep-close also on the neutral prompts themselves (non-attribute prompts, METHODS §2): without it
+    # the encoder meets ℓ_o along directions the UNet ignores (docs/fairness.md, "Where the LightFair edit lands").
     keep = [f"a {col} {s}" for s in ("triangle", "star", "heart") for col in ("red", "green", "blue", "yellow")]
+    keep += [fairness.neutral_prompt(NEUTRAL, c) for c in setting.concepts]
     c.task.update(text_encoder=mini.text_dir, tokenizer=mini.tokenizer_dir, centroids=centroids,
                   generator=mini.model.identity, image_encoder=mini.encoder_identity, neutral_template=NEUTRAL,
                   attribute_template=ATTRIBUTE, target=tuple(setting.target or ()), lambda_q=d["lambda_q"],

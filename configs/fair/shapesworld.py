@@ -9,9 +9,9 @@ from jharm.train.defaults import base_config
 from jharm.train.tasks.fairness import default_task_config
 
 SETTINGS = {
-    "binary": dict(target=()),
-    "4way": dict(target=()),
-    "target": dict(target=(0.3, 0.7)),
+    "binary": dict(target=(), concepts=("square",)),
+    "4way": dict(target=(), concepts=("square", "circle")),
+    "target": dict(target=(0.3, 0.7), concepts=("square",)),
 }
 
 
@@ -24,7 +24,9 @@ def get_config(setting: str = "binary"):
     c.optim.update(name="adam", lr=3e-3, clip_norm=0.0)
     c.task = default_task_config()
     c.task.update(tokenizer="shapesworld", neutral_template="a {concept}", attribute_template="a {attribute} {concept}",
-                  lambda_q=1.0, lambda_r=0.05, target=SETTINGS[setting]["target"],
+                  lambda_q=1.0, lambda_r=1.0, target=SETTINGS[setting]["target"],
+                  # other shapes' colour prompts and the neutral prompts themselves stay close
                   keep_prompts=tuple(f"a {c} {s}" for s in ("triangle", "star", "heart")
-                                     for c in ("red", "green", "blue", "yellow")))
+                                     for c in ("red", "green", "blue", "yellow"))
+                  + tuple(f"a {s}" for s in SETTINGS[setting]["concepts"]))
     return c

@@ -33,8 +33,10 @@ def project_to_simplex(v: jnp.ndarray) -> jnp.ndarray:
 @dataclasses.dataclass(frozen=True)
 class PrefixAttackConfig:
     num_tokens: int = 5
-    steps: int = 40
-    learning_rate: float = 0.01
+    # Adam moves each θ entry by about lr per step: at 0.01 x 40 steps the argmax rarely leaves
+    # its random start (measured on ShapesWorld, docs/erasure.md), at 0.1 x 100 it does.
+    steps: int = 100
+    learning_rate: float = 0.1
     # Token ids the attack may not use (BOS/EOS/pad); their θ stays 0.
     banned_ids: tuple[int, ...] = ()
 
