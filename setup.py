@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["jharm", "jharm.*"]),
-    package_data={"jharm.shapesworld": ["assets/*"]},
+    # every shipped asset, including the tokenizer folder (a non-editable install copies only these)
+    package_data={"jharm.shapesworld": ["assets/*", "assets/tokenizer/*"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.5",
