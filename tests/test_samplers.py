@@ -218,6 +218,28 @@ def test_two_stage_context_switch(method):
     assert run._cache_size() == 1  # one compilation for all switch times
 
 
+def test_guidance_interval():
+    """Guidance only for t_lo <= t < t_hi: the full range is plain CFG, an empty one the prompt row
+    alone, a split equals the two-stage run with the prompt in both rows above the split."""
+    x_T, ctx = _inputs(seed=5)
+    plan = _plan("ddim", steps=12)
+    run = jax.jit(lambda lo, hi: sample(model_jax, plan, jnp.asarray(x_T), jnp.asarray(ctx), guidance_scale=5.0,
+                                        guidance_interval=(lo, hi)))
+    cfg = np.asarray(sample(model_jax, plan, jnp.asarray(x_T), jnp.asarray(ctx), guidance_scale=5.0))
+    np.testing.assert_array_equal(np.asarray(run(0.0, 2000.0)), cfg)
+    prompt_only = np.asarray(sample(model_jax, plan, jnp.asarray(x_T), jnp.asarray(ctx[1:])))
+    np.testing.assert_allclose(np.asarray(run(0.0, 0.0)), prompt_only, atol=1e-6, rtol=0)
+    assert np.abs(cfg - prompt_only).max() > 1e-3
+    tau = float(np.asarray(plan.timesteps)[5])
+    both_prompt = np.stack([ctx[1], ctx[1]])
+    two_stage = sample(model_jax, plan, jnp.asarray(x_T), jnp.asarray(both_prompt), guidance_scale=5.0,
+                       late_contexts=jnp.asarray(ctx), switch_t=tau)
+    np.testing.assert_allclose(np.asarray(run(0.0, tau)), np.asarray(two_stage), atol=1e-6, rtol=0)
+    assert run._cache_size() == 1  # bounds are traced
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample(model_jax, plan, jnp.asarray(x_T), jnp.asarray(ctx), guidance_interval=(0.0,))
+
+
 @pytest.mark.parametrize("method,eta", [("ddim", 0.0), ("ddpm", 0.0), ("lms", 0.0)])
 def test_dynamic_stop_index_equals_static(method, eta):
     """ESD's x_t: sampling to a traced index k inside jit equals running exactly k steps."""

@@ -288,6 +288,7 @@ def sample(
     rng: jax.Array | None = None,
     late_contexts: PyTree = None,
     switch_t=None,
+    guidance_interval=None,
     start_index=0,
     stop_index=None,
     return_trajectory: bool = False,
@@ -317,6 +318,13 @@ def sample(
         is ``t >= switch_t`` use ``contexts``, steps with ``t < switch_t`` use
         ``late_contexts`` (same structure). ``switch_t`` may be traced: both are
         selected inside the scan, nothing recompiles.
+      guidance_interval: ``(t_lo, t_hi)``: guidance only at steps whose model
+        timestep satisfies ``t_lo <= t < t_hi``; the other steps take the prompt
+        row's output unguided (row 1, or row 0 with a single row). Guidance in
+        the high-noise steps is what collapses a prompt's attribute distribution
+        onto its majority (Kynkäänniemi et al. 2024 apply it in a limited
+        interval). The guidance state is still carried through every step.
+        Bounds may be traced. ``None``: every step.
       start_index, stop_index: run steps ``start_index <= i < stop_index``
         (default all S). Python ints scan only those steps; traced ints (e.g. a
         random k inside a jitted train step) scan all S steps and skip the rest
@@ -340,6 +348,8 @@ def sample(
         for a, b in zip(jax.tree_util.tree_leaves(contexts), jax.tree_util.tree_leaves(late_contexts)):
             if a.shape != b.shape:
                 raise ValueError(f"late_contexts leaf shape {b.shape} differs from contexts leaf shape {a.shape}")
+    if guidance_interval is not None and len(guidance_interval) != 2:
+        raise ValueError(f"guidance_interval must be (t_lo, t_hi), got {guidance_interval!r}")
     stochastic = plan.stochastic
     if stochastic and rng is None:
         raise ValueError(f"the {plan.method} plan adds noise at some step: pass rng")
@@ -370,6 +380,9 @@ def sample(
         x_in = x * _vp_scale(plan, i).astype(dtype)
         outs = _call_model(model_fn, x_in, t, ctx, n_rows).astype(dtype)
         out, state = guidance(outs, state, i)
+        if guidance_interval is not None:
+            lo, hi = guidance_interval
+            out = jnp.where((t >= lo) & (t < hi), out, outs[min(1, n_rows - 1)])
         noise = step_noise(rng, i, x.shape, dtype) if stochastic else None
         x, aux = update(plan, i, x, out.astype(dtype), aux, noise)
         return x, aux, state
