@@ -162,12 +162,12 @@ def encode(model: TextToImage, prompts: Sequence[str], text_params: PyTree = Non
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _run_sampler(unet, unet_params, plan, x_T, contexts, late_contexts, tau, guidance):
+def _run_sampler(unet, unet_params, plan, x_T, contexts, late_contexts, tau, guidance, interval):
     def model_fn(x, t, ctx):
         return unet.apply(unet_params, x, t, ctx)
 
     kwargs = {} if late_contexts is None else dict(late_contexts=late_contexts, switch_t=tau)
-    return samplers.sample(model_fn, plan, x_T, contexts, guidance=guidance, **kwargs)
+    return samplers.sample(model_fn, plan, x_T, contexts, guidance=guidance, guidance_interval=interval, **kwargs)
 
 
 def initial_noise(model: TextToImage, seed: int, n: int) -> jax.Array:
@@ -180,7 +180,7 @@ def generate(model: TextToImage, prompts: Sequence[str], *, seed: int, num_steps
              guidance_scale: float = 7.5, text_params: PyTree = None, late_text_params: PyTree = None,
              tau: float | None = None, context_fn: Callable[[np.ndarray], np.ndarray] | None = None,
              guidance: Any = None, extra_prompts: Sequence[str] = (), batch_size: int = 64,
-             method: str = "ddim") -> np.ndarray:
+             method: str = "ddim", guidance_interval: tuple[float, float] | None = None) -> np.ndarray:
     """Images (N, H, W, 3) in [0, 1], one per prompt (repeat a prompt for several images).
 
     Image i starts from :func:`initial_noise` ``(seed, i)``, so runs that differ
@@ -190,7 +190,9 @@ def generate(model: TextToImage, prompts: Sequence[str], *, seed: int, num_steps
     context (debias-VL). Two-stage: with ``late_text_params``, steps with model
     timestep ``t >= tau`` read ``text_params`` (default: the model's original
     encoder), steps with ``t < tau`` read ``late_text_params``. The contexts
-    are computed once per prompt, before the scan.
+    are computed once per prompt, before the scan. ``guidance_interval``
+    ``(t_lo, t_hi)``: guide only the steps with ``t_lo <= t < t_hi`` (see
+    :func:`jharm.diffusion.samplers.sample`).
     """
     prompts = list(prompts)
     if late_text_params is not None and tau is None:
@@ -234,7 +236,8 @@ def generate(model: TextToImage, prompts: Sequence[str], *, seed: int, num_steps
                                     f"{len(prompts)} requested")
             g = dataclasses.replace(g, directions=chunk(g.directions[:len(prompts)], 0))
         x = _run_sampler(model.unet, model.unet_params, plan, chunk(x_T, 0), chunk(early, 1),
-                         None if late is None else chunk(late, 1), tau_arr, g)
+                         None if late is None else chunk(late, 1), tau_arr, g,
+                         None if guidance_interval is None else tuple(jnp.float32(b) for b in guidance_interval))
         imgs = model.decode(x) if model.decode is not None else jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
         out.append(np.asarray(imgs)[:len(prompts[sl])])
     return np.concatenate(out)

@@ -47,3 +47,14 @@ def test_two_stage_needs_tau():
     model = tiny_t2i()
     with pytest.raises(fairness.FairnessError, match="tau"):
         fairness.generate(model, ["a square"], seed=0, num_steps=2, late_text_params=model.text_params)
+
+
+def test_guidance_interval_passes_through(runs):
+    model = tiny_t2i()
+    kw = dict(seed=3, num_steps=4, guidance_scale=3.0)
+    everywhere = fairness.generate(model, PROMPTS, guidance_interval=(0, 2000), **kw)
+    np.testing.assert_allclose(everywhere, runs["original"], atol=1e-6)
+    unguided = fairness.generate(model, PROMPTS, guidance_interval=(0, 0), **kw)
+    np.testing.assert_allclose(unguided, fairness.generate(model, PROMPTS, seed=3, num_steps=4, guidance_scale=1.0),
+                               atol=1e-5)
+    assert not np.allclose(unguided, runs["original"], atol=1e-3)
