@@ -87,6 +87,14 @@ def load_mini(out_dir: str, folder: str | None = None) -> Mini:
                 text_dir, tok_dir, t2i.config.world)
 
 
+def keep_prompts(concepts) -> tuple[str, ...]:
+    """LightFair's keep-close prompts in ShapesWorld: other shapes' colour prompts and the neutral
+    prompts themselves (non-attribute prompts, METHODS §2); without the latter the encoder meets ℓ_o
+    along directions the UNet ignores (docs/fairness.md, "Where the LightFair edit lands")."""
+    others = [f"a {col} {s}" for s in ("triangle", "star", "heart") for col in ("red", "green", "blue", "yellow")]
+    return tuple(others + [fairness.neutral_prompt(NEUTRAL, c) for c in concepts])
+
+
 def lightfair_config(mini: Mini, setting: Setting, centroids: str, d: dict):
     from jharm.train.defaults import base_config
     from jharm.train.tasks.fairness import default_task_config
@@ -96,14 +104,11 @@ def lightfair_config(mini: Mini, setting: Setting, centroids: str, d: dict):
                    ckpt_every=10 * d["train_steps"], async_checkpoint=False, progress=False)
     c.optim.update(name="adam", lr=d["lr"], clip_norm=0.0)
     c.task = default_task_config()
-    # Keep-close also on the neutral prompts themselves (non-attribute prompts, METHODS §2): without it
-    # the encoder meets ℓ_o along directions the UNet ignores (docs/fairness.md, "Where the LightFair edit lands").
-    keep = [f"a {col} {s}" for s in ("triangle", "star", "heart") for col in ("red", "green", "blue", "yellow")]
-    keep += [fairness.neutral_prompt(NEUTRAL, c) for c in setting.concepts]
+    keep = keep_prompts(setting.concepts)
     c.task.update(text_encoder=mini.text_dir, tokenizer=mini.tokenizer_dir, centroids=centroids,
                   generator=mini.model.identity, image_encoder=mini.encoder_identity, neutral_template=NEUTRAL,
                   attribute_template=ATTRIBUTE, target=tuple(setting.target or ()), lambda_q=d["lambda_q"],
-                  lambda_r=d["lambda_r"], keep_prompts=tuple(keep))
+                  lambda_r=d["lambda_r"], keep_prompts=keep)
     return c
 
 

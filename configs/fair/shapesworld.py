@@ -5,6 +5,7 @@
 is the training half for use with ``jharm train`` once centroids exist
 (``--config.task.centroids=runs/demo/fair/binary/centroids.safetensors``, text encoder exported by the demo).
 """
+from jharm.fair_demo import keep_prompts
 from jharm.train.defaults import base_config
 from jharm.train.tasks.fairness import default_task_config
 
@@ -25,8 +26,5 @@ def get_config(setting: str = "binary"):
     c.task = default_task_config()
     c.task.update(tokenizer="shapesworld", neutral_template="a {concept}", attribute_template="a {attribute} {concept}",
                   lambda_q=1.0, lambda_r=1.0, target=SETTINGS[setting]["target"],
-                  # other shapes' colour prompts and the neutral prompts themselves stay close
-                  keep_prompts=tuple(f"a {c} {s}" for s in ("triangle", "star", "heart")
-                                     for c in ("red", "green", "blue", "yellow"))
-                  + tuple(f"a {s}" for s in SETTINGS[setting]["concepts"]))
+                  keep_prompts=keep_prompts(SETTINGS[setting]["concepts"]))
     return c
