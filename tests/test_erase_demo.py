@@ -25,8 +25,10 @@ def test_report_has_every_model_and_gate(report):
     rows = re.findall(r"^\| (base|esd_u|co_erasing_esd) \| (.+) \|$", text, re.M)
     assert [name for name, _ in rows] == ["base", "esd_u", "co_erasing_esd"]
     for _, cells in rows:
-        rates, fd = [float(x) for x in cells.split(" | ")[:4]], float(cells.split(" | ")[4])
+        rates, fd = [float(x) for x in cells.split(" | ")[:5]], float(cells.split(" | ")[5])
         assert all(0.0 <= r <= 1.0 for r in rates) and fd >= 0.0
+        canonical, _, attacked, asr, _ = rates  # ASR: plain or attacked sample shows the concept
+        assert max(canonical, attacked) <= asr <= canonical + attacked + 1e-3
     assert text.count("canonical rate <= 10 % of base") == 2 and "Co-Erasing vs ESD on held-out synonyms" in text
     for name in ("base", "esd_u", "co_erasing_esd"):
         for key in ("canonical", "heldout", "others"):

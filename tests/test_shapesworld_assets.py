@@ -85,7 +85,9 @@ def test_clip_metrics_reproduce():
     want = _metrics("clip")
     for key in ("clip_shape_acc", "clip_colour_acc", "clip_synonym_shape_acc"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
-    assert got["clip_colour_acc"] >= 0.95  # the shape gates are not met yet: see the manifest / report
+    # The issue's gates: zero-shot shape and colour >= 0.95, synonyms retrieve their shape >= 0.90.
+    assert got["clip_shape_acc"] >= 0.95 and got["clip_colour_acc"] >= 0.95
+    assert got["clip_synonym_shape_acc"] >= 0.90
 
 
 def test_clip_reads_other_resolutions_through_a_resize():
@@ -125,7 +127,7 @@ def test_t2i_and_ip_adapter_load_and_run():
     # shape words followed on most samples (chance 1/48), synonyms too, and the colour bias of
     # neutral square prompts pointing the data's way (85 % red / 15 % blue).
     assert t2i_m["t2i_mean_prompt_acc"] > 0.85 and t2i_m["t2i_shape_acc"] > 0.85
-    assert t2i_m["t2i_synonym_shape_acc"] > 0.85 and ip_m["ip_shape_match"] > 0.5
+    assert t2i_m["t2i_synonym_shape_acc"] >= 0.80 and ip_m["ip_shape_match"] >= 0.85  # the issue's gates
     square = t2i_m["t2i_neutral_colours"]["square"]
     assert square.get("red", 0.0) > 0.5 > square.get("blue", 0.0)
     # DDIM without x0 clipping: with it, this model's colours and shapes fall apart (tasks.t2i_task_config).
@@ -160,6 +162,27 @@ def test_a_stage_stopped_by_sigterm_writes_nothing_and_the_cli_says_resume(tmp_p
     code = cli.main(["shapesworld", "build", "--out", str(out), "--workdir", str(tmp_path / "work"),
                      "--stages", "judge", "--no-report"])
     assert code == 143 and "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_a_stage_by_stage_build_keeps_the_time_of_every_invocation(tmp_path, monkeypatch):
+    """The build-time gate is read off ``_build``: building one stage must not erase the record of
+    the stages built before it; a build of every stage starts the record afresh."""
+    from jharm.shapesworld import build
+    from jharm.train.loop import TrainResult
+
+    def trained(config, workdir):
+        return {"w": np.ones(2, np.float32)}, 1.0, TrainResult(params=None, step=1, start_step=0, losses=[1.0],
+                                                              metrics={"loss": 1.0})
+
+    monkeypatch.setattr(build, "_train", trained)
+    out = str(tmp_path / "out")
+    for stage in ("judge", "judge"):
+        build.build(out, workdir=str(tmp_path / "work"), stages=(stage,), report=False)
+    record = assets.read_manifest(out)["models"]["_build"]
+    assert [inv["stages"] for inv in record["invocations"]] == [["judge"], ["judge"]]
+    assert all(inv["seconds"] >= 0 and inv["date"] and inv["machine"] for inv in record["invocations"])
+    assert [inv["stages"] for inv in build._build_entry(out, list(build.STAGES), 5.0)["invocations"]] == [
+        list(build.STAGES)]
 
 
 def test_a_stage_trained_with_ema_ships_the_ema_weights(tmp_path):

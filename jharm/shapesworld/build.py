@@ -97,14 +97,33 @@ def build(out_dir: str | None = None, *, seed: int = 0, workdir: str = "runs/sha
                          guidance_scale=float(config.task.guidance_scale))
         assets.record(out_dir, stage, files, _entry(config, files[0], seconds, **extra), seed=seed)
         print(f"jharm shapesworld build: {stage} done in {seconds:.0f} s, final loss {final_loss:.4g}", flush=True)
-    manifest = assets.record(out_dir, "_build", [], {"seconds": round(time.time() - begin, 1),
-                                                     "stages": list(stages)})
+    manifest = assets.record(out_dir, "_build", [], _build_entry(out_dir, list(stages), time.time() - begin))
     if report:
         from jharm.shapesworld.report import report as run_report
 
         run_report(out_dir, write=True)
         manifest = assets.read_manifest(out_dir)
     return manifest
+
+
+def _build_entry(out_dir: str, stages: list[str], seconds: float) -> dict:
+    """The manifest's ``_build`` record: one invocation per ``build`` call. A build of every stage
+    starts the history afresh; a stage-by-stage build appends, so the time of each stage the
+    assets came from stays on record (the build-time gate is read off these)."""
+    import datetime
+    import platform
+
+    invocation = {"date": datetime.date.today().isoformat(), "seconds": round(seconds, 1), "stages": stages,
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible"}
+    previous = {}
+    if set(stages) != set(STAGES) and os.path.isfile(os.path.join(out_dir, "manifest.json")):
+        previous = assets.read_manifest(out_dir).get("models", {}).get("_build", {})
+    earlier = previous.get("invocations")
+    if earlier is None and "seconds" in previous:  # a single-invocation record
+        earlier = [{"seconds": previous["seconds"], "stages": previous.get("stages", [])}]
+    entry = {k: v for k, v in previous.items() if k not in ("seconds", "stages", "invocations")}
+    entry["invocations"] = list(earlier or []) + [invocation]
+    return entry
 
 
 def _stage_overrides(stage: str, out_dir: str) -> list[str]:

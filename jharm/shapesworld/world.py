@@ -50,8 +50,8 @@ def world_config() -> ml_collections.ConfigDict:
     return c
 
 
-# The world the judge, the T2I and the IP-Adapter are built in (the CLIP reads 32x32 renders of the
-# default world). 16x16 keeps the T2I's step affordable on 2 CPU cores; shapes larger than the
+# The world the judge, the T2I and the IP-Adapter are built in (the CLIP reads 32x32 renders with
+# these shape sizes: configs/shapesworld_clip.py). 16x16 keeps the T2I's step affordable on 2 CPU cores; shapes larger than the
 # default give their outlines enough pixels to be learnt in the build's steps (T2I shape accuracy
 # after 1000 steps: 0.38 with radii 0.32-0.44 of the width vs 0.21 with 0.22-0.36; docs/shapesworld.md).
 BUILD_WORLD = {"resolution": 16, "size_range": (0.32, 0.44)}
