@@ -2,9 +2,10 @@
 
 Needs ``--config.task.clip_dir`` and ``--config.task.t2i_dir``; run by
 ``jharm shapesworld build`` as its last stage (the T2I's world: 16x16, larger shapes;
-1200 steps, 590 s on one CPU core). Shipped: with an image prompt and empty text the
-generated shape matches the reference's 0.81 of the time (64 references, DDIM 50; gate
-0.85). The same recipe at 400 steps: 0.61; at 2000 steps 0.81 again (688 s on 2 cores).
+1200 steps, 659 s on 2 CPU cores). Shipped (2026-12-07): with an image prompt and empty
+text the generated shape matches the reference's 0.953 of the time (64 references, DDIM 50;
+gate 0.85). On the T2I of 2026-11-29 the same recipe gave 0.81 (0.61 at 400 steps, 0.81 at
+2000).
 """
 from jharm.shapesworld.tasks import ip_task_config
 from jharm.shapesworld.world import BUILD_WORLD

@@ -7,13 +7,12 @@ scale the report samples with (DDIM 50 steps). The recipe and why each choice
 ``t2i_task_config`` and docs/shapesworld.md.
 
 Measured on the shipped assets (2000 steps in the build world: 16x16, shape radii
-0.32-0.44; build seed 0, EMA weights; 1145 s on 2 idle CPU cores), DDIM 50 without x0
-clipping, CFG 3, 64 samples per prompt: shape and colour right on 0.94 of the
-colour-shape prompts' samples (min over prompts 0.31), shape 0.94, synonym prompts
-0.96, neutral prompts' majority colour 0.98 for square and circle (data 0.85 / 0.80),
-FD-judge 36. The same weights with x0 clipping (diffusers' DDIM default) gave 0.20 /
-0.45 / 0.73: the sampler setting, not the training, held the model back
-(docs/shapesworld.md).
+0.32-0.44; build seed 0, EMA weights; 2280 s on 2 CPU cores, 2026-12-07), DDIM 50 without
+x0 clipping, CFG 3, 64 samples per prompt: shape and colour right on 0.986 of the
+colour-shape prompts' samples (min over prompts 0.75, a star prompt), synonym prompts
+0.966, neutral prompts' majority colour 0.98 for square and 1.00 for circle (data 0.85 /
+0.80), FD-judge 31. Without x0 clipping: with it (diffusers' DDIM default) an earlier
+model gave 0.20 against 0.94 without (docs/shapesworld.md).
 """
 from jharm.shapesworld.tasks import t2i_task_config
 from jharm.shapesworld.world import BUILD_WORLD

@@ -136,6 +136,22 @@ def test_t2i_and_ip_adapter_load_and_run():
     assert t2i.schedule.prediction_type == "v_prediction" and not t2i.schedule.clip_sample
 
 
+def test_t2i_metrics_name_the_weakest_prompts():
+    """The report's T2I metrics at plumbing size: the weakest colour-shape prompts come out in
+    ascending order, the first is the minimum, and the gate numbers are probabilities."""
+    t2i, clip, judge = assets.load_t2i(), assets.load_clip(), assets.load_judge()
+    got = report.t2i_metrics(t2i, clip, judge, per_prompt=1, per_synonym=1, per_neutral=2, num_steps=2)
+    weakest = got["t2i_weakest_prompts"]
+    accs = [acc for _, acc in weakest]
+    assert len(weakest) == 6 and accs == sorted(accs) and accs[0] == got["t2i_min_prompt_acc"]
+    colour_shape = {captions.fill("a {colour} {shape}", s, c) for s in captions.SHAPE_FORMS
+                    for c in captions.COLOUR_FORMS}
+    assert {p for p, _ in weakest} <= colour_shape
+    for key in ("t2i_min_prompt_acc", "t2i_mean_prompt_acc", "t2i_synonym_shape_acc", "t2i_max_bias_error"):
+        assert 0.0 <= got[key] <= 1.0, key
+    assert set(got["t2i_neutral_colours"]) == set(dict(t2i.config.world.bias))
+
+
 @pytest.mark.slow
 def test_ip_adapter_metric_reproduces():
     ip, t2i = assets.load_ip_adapter()

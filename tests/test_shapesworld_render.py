@@ -332,6 +332,41 @@ def test_colour_bias_when_caption_omits_colour():
     np.testing.assert_allclose(captions.bias_matrix().sum(1), 1.0)
 
 
+def test_independent_colour_naming_keeps_the_bias_out_of_the_captions():
+    """With ``colour_naming="independent"`` a caption of a biased shape names a colour of the bias
+    row's support as often as another of it (so CFG has no colour to amplify), the neutral
+    captions keep their bias, and colours outside the support are always named."""
+    config = world_config()
+    config.colour_naming = "independent"
+    colour_words = {w for forms in captions.COLOUR_FORMS.values() for w in forms}
+    scenes, texts = captions.sample_captioned(np.random.default_rng(5), 12000, config, shape="square")
+    omitted = np.array([not (_words(t) & colour_words) for t in texts])
+    red, blue = (scenes.colour == render.COLOUR_NAMES.index(c) for c in ("red", "blue"))
+    assert abs(omitted[red].mean() - omitted[blue].mean()) < 0.04  # about 0.57 each; "uniform": 0.77 vs 0.37
+    assert not omitted[~(red | blue)].any()
+    freq = np.bincount(scenes.colour[omitted], minlength=6) / omitted.sum()
+    assert abs(freq[render.COLOUR_NAMES.index("red")] - 0.85) < 0.02
+    # Named colours: half from the bias row (named_bias_share 0.5), half uniform over the other four.
+    named = np.bincount(scenes.colour[~omitted], minlength=6) / (~omitted).sum()
+    assert abs(named[render.COLOUR_NAMES.index("red")] - 0.425) < 0.02
+    assert abs(named[render.COLOUR_NAMES.index("green")] - 0.125) < 0.02
+    # A shape without a bias row stays uniform; the default rule's draws are unchanged by the option.
+    star, _ = captions.sample_captioned(np.random.default_rng(5), 6000, config, shape="star")
+    assert np.abs(np.bincount(star.colour, minlength=6) / 6000 - 1 / 6).max() < 0.02
+    legacy = world_config()
+    legacy.named_bias_share = 0.9
+    a, _ = captions.sample_captioned(np.random.default_rng(1), 50, legacy)
+    b, _ = captions.sample_captioned(np.random.default_rng(1), 50)
+    np.testing.assert_array_equal(a.colour, b.colour)
+    for field, value, message in (("colour_naming", "skewed", "config.colour_naming = 'skewed'"),
+                                  ("named_bias_share", 1.5, "config.named_bias_share = 1.5")):
+        bad = world_config()
+        bad.colour_naming = "independent"
+        bad[field] = value
+        with pytest.raises(captions.CaptionError, match=re.escape(message)):
+            captions.sample_captioned(np.random.default_rng(0), 4, bad)
+
+
 def test_bias_is_configurable_and_checked():
     config = world_config()
     config.bias.square = {"blue": 1.0}

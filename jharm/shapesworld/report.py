@@ -175,7 +175,10 @@ def t2i_metrics(t2i, clip, judge, per_prompt: int = 2, per_synonym: int = 1, per
     real = eval_images(len(images), 2, t2i.config.world)["image"]  # the T2I's own world
     fd = frechet_distance(judge_features(judge.params, images, judge.config),
                           judge_features(judge.params, real, judge.config))
+    weakest = [[captions.fill("a {colour} {shape}", *pairs[i]), float(per_pair[i])]
+               for i in np.argsort(per_pair, kind="stable")[:6]]
     return {"t2i_min_prompt_acc": float(per_pair.min()), "t2i_mean_prompt_acc": float(per_pair.mean()),
+            "t2i_weakest_prompts": weakest,
             "t2i_shape_acc": float((pred["shape"][:a] == np.repeat([render.SHAPES.index(s) for s, _ in pairs],
                                                                    per_prompt)).mean()),
             "t2i_synonym_shape_acc": float(syn_ok.mean()), "t2i_max_bias_error": bias_err,
@@ -214,6 +217,8 @@ def report(folder: str | None = None, *, write: bool = False, per_prompt: int = 
                       f"{'PASS' if passed else 'FAIL'}")
         if model == "t2i":
             print(f"{model:11s} {'fd_judge':26s} {metrics['fd_judge']:8.4f}  (reported)")
+            print(f"{model:11s} {'weakest prompts':26s} "
+                  + ", ".join(f"{p!r} {acc:.2f}" for p, acc in metrics["t2i_weakest_prompts"]))
         if write:
             assets.set_metrics(folder or assets.DEFAULT_DIR, model, metrics)
     return results

@@ -47,6 +47,12 @@ def world_config() -> ml_collections.ConfigDict:
     c.shape_forms = "all"
     c.colour_synonyms = True         # "crimson" for red, ... in captions
     c.bias = ml_collections.ConfigDict(DEFAULT_BIAS)
+    # Colours of captions that name them: "uniform" over all colours, or "independent"
+    # (naming the colour carries no information within a bias row's support; named scenes of
+    # a biased shape follow its bias row with probability named_bias_share). captions._named_colours
+    # and docs/shapesworld.md: what it does to CFG's amplification of the neutral prompts' bias.
+    c.colour_naming = "uniform"
+    c.named_bias_share = 0.5
     return c
 
 
