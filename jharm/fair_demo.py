@@ -119,16 +119,18 @@ def _judge(mini: Mini, images):
     return pred, judge_features(mini.judge_params, images, mini.judge_config)
 
 
-def evaluate(mini: Mini, setting: Setting, name: str, gen: dict, seed: int, d: dict, base_images=None):
-    """Per-prompt records and the images of one method on one setting."""
+def evaluate(mini: Mini, setting: Setting, name: str, gen: dict, seed: int, d: dict, base_images=None, images=None):
+    """Per-prompt records and the images of one method on one setting; ``images`` (what an
+    earlier call returned for the same method, concepts and attributes) skips the sampling."""
     model, attrs, k = mini.model, setting.attributes, len(setting.attributes)
     colour_ids = np.asarray([render.COLOUR_NAMES.index(a) for a in attrs])
     kw = dict(num_steps=d["steps"], guidance_scale=mini.guidance, batch_size=d["batch"], **gen)
-    records, images = [], {}
+    samples, records, images = images, [], {}
     feats = []
     for ci, concept in enumerate(setting.concepts):
         prompt = fairness.neutral_prompt(NEUTRAL, concept)
-        ims = fairness.generate(model, [prompt] * d["n_eval"], seed=seed + 100 * ci, **kw)
+        ims = (samples[concept] if samples else
+               fairness.generate(model, [prompt] * d["n_eval"], seed=seed + 100 * ci, **kw))
         pred, f = _judge(mini, ims)
         feats.append(f)
         in_set = np.isin(pred["colour"], colour_ids)
@@ -147,7 +149,8 @@ def evaluate(mini: Mini, setting: Setting, name: str, gen: dict, seed: int, d: d
         images[concept] = ims
         # Colour-prompted accuracy and Bias-Q on "a {attribute} {concept}".
         prompts = [fairness.attribute_prompt(ATTRIBUTE, concept, a) for a in attrs for _ in range(d["n_prompted"])]
-        pims = fairness.generate(model, prompts, seed=seed + 100 * ci + 50, **kw)
+        pims = (samples[concept + "_prompted"] if samples else
+                fairness.generate(model, prompts, seed=seed + 100 * ci + 50, **kw))
         ppred, pf = _judge(mini, pims)
         feats.append(pf)
         want = np.repeat(colour_ids, d["n_prompted"])
@@ -236,27 +239,41 @@ def fair_scorecard(out_dir: str, seed: int = 0, mini: Mini | None = None, demo: 
         log_lines.append(msg)
 
     all_records, summaries, sweep = [], {}, []
+    # Settings with the same concepts and attributes (binary and the 30/70 target) share what does
+    # not depend on the target: the centroids and the samples of the TARGET_FREE methods.
+    shared: dict = {}
     for setting in settings:
         sdir = os.path.join(out_dir, setting.name)
         os.makedirs(sdir, exist_ok=True)
-        log(f"[fair] {setting.name}: centroids")
-        cents = fairness.compute_centroids(mini.model, mini.image_embed, setting.concepts, setting.attributes, ATTRIBUTE,
-                                           num_images=d["n_centroid"], seed=seed + 1000, num_steps=d["steps"],
-                                           guidance_scale=mini.guidance, encoder_identity=mini.encoder_identity,
-                                           batch_size=d["batch"], progress=False)
-        cpath = fairness.save_centroids(os.path.join(sdir, "centroids.safetensors"), cents)
+        group = (setting.concepts, setting.attributes)
+        if group in shared:
+            cpath = shared[group]
+            log(f"[fair] {setting.name}: centroids {cpath}")
+        else:
+            log(f"[fair] {setting.name}: centroids")
+            cents = fairness.compute_centroids(mini.model, mini.image_embed, setting.concepts, setting.attributes,
+                                               ATTRIBUTE, num_images=d["n_centroid"], seed=seed + 1000,
+                                               num_steps=d["steps"], guidance_scale=mini.guidance,
+                                               encoder_identity=mini.encoder_identity, batch_size=d["batch"],
+                                               progress=False)
+            cpath = shared[group] = fairness.save_centroids(os.path.join(sdir, "centroids.safetensors"), cents)
         log(f"[fair] {setting.name}: LightFair training ({d['train_steps']} steps)")
         config = lightfair_config(mini, setting, cpath, d)
         result = train(config, make_task(config), os.path.join(sdir, "lightfair"))
         log(f"  loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; encoder at {result.export_path}")
         debiased = jax.device_get(result.params)["text_encoder"]
-        base_records, base_images = evaluate(mini, setting, "base", {}, seed, d)
+        base_records, base_images = evaluate(mini, setting, "base", {}, seed, d, images=shared.get(group + ("base",)))
+        by_method = {}
         for name, method in methods_for(mini, setting, debiased, seed, d, log).items():
             m, kw = _gen_kwargs(mini, method)
             if name == "base":
                 records, images = base_records, base_images
             else:
-                records, images = evaluate(m, setting, name, kw, seed, d, base_images)
+                records, images = evaluate(m, setting, name, kw, seed, d, base_images,
+                                           images=shared.get(group + (name,)))
+            if name in TARGET_FREE:
+                shared[group + (name,)] = images
+            by_method[name] = records
             all_records += records
             summaries[(setting.name, name)] = fm.summarize(records, KEYS)
             for key, ims in images.items():
@@ -265,13 +282,19 @@ def fair_scorecard(out_dir: str, seed: int = 0, mini: Mini | None = None, demo: 
             log(f"  {name}: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in summaries[(setting.name, name)].items()))
         if setting.name == "binary":
             for tau in d["taus"]:
-                recs, _ = evaluate(mini, setting, f"tau={tau}", dict(late_text_params=debiased, tau=tau), seed, d)
+                # τ = 0 samples the base model and τ = d["tau"] the LightFair row, bit for bit
+                # (tests/test_fairness_sampling.py): their records are reused.
+                recs = {0: by_method["base"], d["tau"]: by_method[f"LightFair (τ={d['tau']})"]}.get(tau)
+                if recs is None:
+                    recs, _ = evaluate(mini, setting, f"tau={tau}", dict(late_text_params=debiased, tau=tau), seed, d)
                 sweep.append((tau, fm.summarize(recs, KEYS)))
     fm.write_jsonl(os.path.join(out_dir, "per_prompt.jsonl"), all_records)
     report = _report(out_dir, summaries, sweep, d, time.time() - start, log_lines)
     return report
 
 
+# Methods whose samples do not depend on the setting's target distribution.
+TARGET_FREE = ("base", "debias-VL", "Fair Diffusion")
 KEYS = ("bias_o", "target_gap", "colour_acc", "fd_judge", "clip_t", "clip_i", "bias_q", "off_attribute")
 
 

@@ -39,13 +39,23 @@ def test_scorecard_runs_and_reports(tmp_path):
     mini = _mini(tmp_path)
     demo = dict(batch=4, n_eval=4, n_prompted=2, n_centroid=2, steps=2, train_steps=3, taus=(0, 1000), uce_rounds=2,
                 uce_n=4)
-    settings = (fair_demo.Setting("binary", ("square",), ("red", "blue")),)
+    settings = (fair_demo.Setting("binary", ("square",), ("red", "blue")),
+                fair_demo.Setting("target-30-70", ("square",), ("red", "blue"), (0.3, 0.7)))
     report = fair_demo.fair_scorecard(str(tmp_path / "out"), 0, mini=mini, demo=demo, settings=settings)
     text = open(report).read()
+    # The 30/70 setting reuses the binary setting's centroids and its target-free samples.
+    assert f"[fair] target-30-70: centroids {tmp_path / 'out' / 'binary' / 'centroids.safetensors'}" in text
+    assert not os.path.exists(tmp_path / "out" / "target-30-70" / "centroids.safetensors")
     for name in ("base", "LightFair (τ=1000)", "UCE-debias", "debias-VL", "Fair Diffusion", "τ sweep", "Gates"):
         assert name in text, name
     records = [json.loads(line) for line in open(tmp_path / "out" / "per_prompt.jsonl")]
     assert {r["method"] for r in records} >= {"base", "UCE-debias", "debias-VL"}
+    by = {(r["setting"], r["method"]): r for r in records}
+    for method in fair_demo.TARGET_FREE[:2]:
+        a, b = by[("binary", method)], by[("target-30-70", method)]
+        assert a["frequencies"] == b["frequencies"] and a["fd_judge"] == b["fd_judge"]
+        # Same samples, scored against each setting's own target.
+        assert abs(b["target_gap"] - 100 * max(abs(a["frequencies"][0] - 0.3), abs(a["frequencies"][1] - 0.7))) < 1e-6
     for r in records:
         f = np.asarray(r["frequencies"])
         assert f.shape == (2,) and (f.sum() == 0 or abs(f.sum() - 1) < 1e-9)
