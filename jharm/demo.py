@@ -19,7 +19,7 @@ DEMOS: dict[str, str] = {
     "backdoor": "jharm.backdoor_demo:backdoor_scorecard",
 }
 # `make demo`: the offline load/convert/export round trip, then the erasure scorecard on the
-# shipped ShapesWorld models (12.5 minutes on one core, 2026-12-07). `fair` (12 min on one core) and
+# shipped ShapesWorld models (11 min 45 s with the round trip on 2 cores, 2026-12-07). `fair` (12 min on one core) and
 # `backdoor` (up to 30 min) run by name.
 DEFAULT: tuple[str, ...] = ("clip", "erase")
 

@@ -241,13 +241,13 @@ def fair_scorecard(out_dir: str, seed: int = 0, mini: Mini | None = None, demo: 
     all_records, summaries, sweep = [], {}, []
     # Settings with the same concepts and attributes (binary and the 30/70 target) share what does
     # not depend on the target: the centroids and the samples of the TARGET_FREE methods.
-    shared: dict = {}
+    centroid_files, target_free_samples = {}, {}
     for setting in settings:
         sdir = os.path.join(out_dir, setting.name)
         os.makedirs(sdir, exist_ok=True)
         group = (setting.concepts, setting.attributes)
-        if group in shared:
-            cpath = shared[group]
+        if group in centroid_files:
+            cpath = centroid_files[group]
             log(f"[fair] {setting.name}: centroids {cpath}")
         else:
             log(f"[fair] {setting.name}: centroids")
@@ -256,13 +256,13 @@ def fair_scorecard(out_dir: str, seed: int = 0, mini: Mini | None = None, demo: 
                                                num_steps=d["steps"], guidance_scale=mini.guidance,
                                                encoder_identity=mini.encoder_identity, batch_size=d["batch"],
                                                progress=False)
-            cpath = shared[group] = fairness.save_centroids(os.path.join(sdir, "centroids.safetensors"), cents)
+            cpath = centroid_files[group] = fairness.save_centroids(os.path.join(sdir, "centroids.safetensors"), cents)
         log(f"[fair] {setting.name}: LightFair training ({d['train_steps']} steps)")
         config = lightfair_config(mini, setting, cpath, d)
         result = train(config, make_task(config), os.path.join(sdir, "lightfair"))
         log(f"  loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; encoder at {result.export_path}")
         debiased = jax.device_get(result.params)["text_encoder"]
-        base_records, base_images = evaluate(mini, setting, "base", {}, seed, d, images=shared.get(group + ("base",)))
+        base_records, base_images = evaluate(mini, setting, "base", {}, seed, d, images=target_free_samples.get(group + ("base",)))
         by_method = {}
         for name, method in methods_for(mini, setting, debiased, seed, d, log).items():
             m, kw = _gen_kwargs(mini, method)
@@ -270,9 +270,9 @@ def fair_scorecard(out_dir: str, seed: int = 0, mini: Mini | None = None, demo: 
                 records, images = base_records, base_images
             else:
                 records, images = evaluate(m, setting, name, kw, seed, d, base_images,
-                                           images=shared.get(group + (name,)))
+                                           images=target_free_samples.get(group + (name,)))
             if name in TARGET_FREE:
-                shared[group + (name,)] = images
+                target_free_samples[group + (name,)] = images
             by_method[name] = records
             all_records += records
             summaries[(setting.name, name)] = fm.summarize(records, KEYS)

@@ -183,9 +183,15 @@ def _named_colours(rng: np.random.Generator, shapes: np.ndarray, bias: np.ndarra
     has_outside = outside.sum(axis=1) > 0
     from_row = (rng.random(len(shapes)) < share) | ~has_outside
     probs = np.where(from_row[:, None], row, outside / np.maximum(outside.sum(axis=1, keepdims=True), 1))
+    return _draw_rows(rng, probs)
+
+
+def _draw_rows(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+    """One index per row of ``probs`` (N, K) by inverse CDF (one uniform per row; zero-probability
+    entries have empty intervals, so they are never drawn)."""
     cdf = np.cumsum(probs, axis=1)
     cdf /= cdf[:, -1:]
-    return np.minimum((rng.random(len(shapes))[:, None] >= cdf).sum(axis=1), bias.shape[1] - 1)
+    return np.minimum((rng.random(len(probs))[:, None] >= cdf).sum(axis=1), probs.shape[1] - 1)
 
 
 def sample_captioned(rng: np.random.Generator, n: int, config=None,
@@ -204,15 +210,10 @@ def sample_captioned(rng: np.random.Generator, n: int, config=None,
     fields = [template_fields(t) for t in templates]
     shape_words = {s: surface_forms(s, config.shape_forms) for s in SHAPE_FORMS}
     bias = bias_matrix(config)
-    n_colours = len(render.COLOUR_NAMES)
     t_idx = rng.integers(0, len(templates), n)
     shapes = render.resolve_ids(shape, render.SHAPES, "shape", n, rng)
     named = np.array(["colour" in f for f in fields])[t_idx]
-    # Omitted colours by inverse CDF of the shape's bias row (zero-probability
-    # colours have empty intervals, so they are never drawn).
-    cdf = np.cumsum(bias[shapes], axis=1)
-    cdf /= cdf[:, -1:]
-    biased = np.minimum((rng.random(n)[:, None] >= cdf).sum(axis=1), n_colours - 1)
+    biased = _draw_rows(rng, bias[shapes])  # omitted colours follow the shape's bias row
     colours = np.where(named, _named_colours(rng, shapes, bias, config), biased).astype(np.int32)
     backgrounds = rng.integers(0, len(render.BACKGROUNDS), n).astype(np.int32)
     scenes = render.sample_scenes(rng, n, shapes, colours, backgrounds, **geometry(config))
