@@ -34,6 +34,11 @@ CONCEPT = "star"
 # Adam's steps do not shrink with it; at 1e-4 it also erased the cross (docs/erasure.md).
 DEMO = dict(n_per_prompt=16, sample_steps=25, esd_steps=130, co_steps=50, batch_size=4, lr=1e-4, co_lr=1e-5, eta=0.5,
             train_sample_steps=10, attack_tokens=5, attack_steps=100, attack_lr=0.1)
+# The scorecard and ESD's own x_t sampling use CFG 3 at every step, not the T2I's configured guidance
+# interval: ESD learns its negative guidance on CFG-sampled x_t, and with the interval (CFG 3 below
+# t = 600, 2026-11-29) the unguided high-noise steps let the erased model draw the star again (ESD-u
+# kept 39 % of base; docs/shapesworld.md).
+GUIDANCE_SCALE = 3.0
 TEMPLATES = ("a {shape}", "a picture of a {shape}", "a {colour} {shape}")
 COLOURS = ("red", "blue", "green", "yellow")
 
@@ -75,7 +80,7 @@ def load_world(folder: str | None = None, ip: bool = False) -> World:
     else:
         t2i, adapter = assets.load_t2i(folder), None
         config, variables = t2i.unet_config, {"params": t2i.unet_params}
-    return World(UNet2DConditionModel(config), variables, t2i.schedule, t2i.guidance_scale,
+    return World(UNet2DConditionModel(config), variables, t2i.schedule, GUIDANCE_SCALE,
                  CLIPTextModel(clip.text_config), {"params": clip.text_params}, clip.tokenizer, clip, judge,
                  t2i.config.world, adapter)
 
@@ -121,7 +126,7 @@ def shapesworld_model(config: ml_collections.ConfigDict, world: World | None = N
 
 
 def generate(world: World, variables, prompts, seed: int, steps: int) -> np.ndarray:
-    """[0, 1] images, one per prompt, DDIM ``steps`` with the asset's CFG scale."""
+    """[0, 1] images, one per prompt, DDIM ``steps`` with CFG ``world.guidance`` at every step."""
     from jharm.shapesworld.report import ddim_sampler
 
     ctx = encode(world, ["", *prompts])
@@ -191,7 +196,7 @@ def erase_config(method: str, settings: dict | None = None):
     c.optim.update(name="adam", lr=lr, clip_norm=0.0)
     c.task = default_task_config(method)
     c.task.update(source="shapesworld", concept=CONCEPT, prompt=f"a {CONCEPT}", param_set="esd-u",
-                  sample_steps=d["train_sample_steps"], sample_guidance=3.0, blur_kernel=3, eta=d["eta"])
+                  sample_steps=d["train_sample_steps"], sample_guidance=GUIDANCE_SCALE, blur_kernel=3, eta=d["eta"])
     return c
 
 

@@ -25,6 +25,10 @@ from jharm import fairness
 from jharm.eval import fairness as fm
 from jharm.shapesworld import data, render
 
+# CFG 3 at every step, not the T2I's configured guidance interval: it turns the neutral prompts' 85/15
+# into 100/0, the worst case for the base (with CFG 3 below t = 600 on the 2026-11-29 assets: base
+# Bias-O 0.78, LightFair -32 %; docs/fairness.md).
+GUIDANCE_SCALE = 3.0
 DEMO = dict(batch=48, n_eval=48, n_prompted=12, n_centroid=16, steps=20, train_steps=120, lr=3e-3, lambda_q=1.0,
             lambda_r=1.0, tau=1000, taus=(0, 250, 500, 750, 1000), uce_rounds=6, uce_n=24, uce_step=2.0,
             debias_vl_lambda=500.0)
@@ -82,7 +86,7 @@ def load_mini(out_dir: str, folder: str | None = None) -> Mini:
         identity="shapesworld-t2i:" + files[manifest["models"]["t2i"]["file"]][:16])
     text_dir = export_clip_text_model(clip.text_config, clip.text_params, os.path.join(out_dir, "clip_text_encoder"))
     tok_dir = os.path.join(folder or assets.DEFAULT_DIR, "tokenizer")
-    return Mini(model, t2i.guidance_scale, lambda im: np.asarray(embed(jnp.asarray(im))),
+    return Mini(model, GUIDANCE_SCALE, lambda im: np.asarray(embed(jnp.asarray(im))),
                 "shapesworld-clip:" + files[manifest["models"]["clip"]["file"]][:16], judge.params, judge.config,
                 text_dir, tok_dir, t2i.config.world)
 

@@ -1,5 +1,6 @@
 """The shipped ShapesWorld assets: verified loading, bad-asset errors, and the
 measured metrics recomputed from the shipped weights (fresh renders, fixed seeds)."""
+import dataclasses
 import json
 import os
 import shutil
@@ -134,6 +135,35 @@ def test_t2i_and_ip_adapter_load_and_run():
     assert square.get("red", 0.0) > 0.5 > square.get("blue", 0.0)
     # DDIM without x0 clipping: with it, this model's colours and shapes fall apart (tasks.t2i_task_config).
     assert t2i.schedule.prediction_type == "v_prediction" and not t2i.schedule.clip_sample
+
+
+def test_report_samples_with_the_t2i_guidance_interval(tmp_path):
+    """The report samples as the T2I is configured (CFG only inside its guidance interval); an
+    interval covering every timestep is CFG at every step, and so is a manifest without the key."""
+    clip, t2i = assets.load_clip(), assets.load_t2i()
+    assert t2i.guidance_interval == (0.0, 600.0) and t2i.guidance_scale == 6.0  # docs/shapesworld.md
+    prompts, kw = ["a red square", "a square"], dict(num_steps=4, chunk=2)  # DDIM 4: t = 750, 500, 250, 0
+    configured = report.generate(t2i, clip, prompts, 0, **kw)
+    everywhere = report.generate(dataclasses.replace(t2i, guidance_interval=None), clip, prompts, 0, **kw)
+    covering = report.generate(dataclasses.replace(t2i, guidance_interval=(0.0, 1000.0)), clip, prompts, 0, **kw)
+    np.testing.assert_allclose(covering, everywhere, atol=1e-6)
+    assert np.abs(configured - everywhere).max() > 1e-2  # the unguided t = 750 step changes the samples
+
+    folder = _copy(tmp_path)
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    del manifest["models"]["t2i"]["guidance_interval"]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    assert assets.load_t2i(folder).guidance_interval is None
+    manifest["models"]["t2i"]["guidance_interval"] = [600, 0]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(assets.AssetError, match=r"manifest.json: models.t2i.guidance_interval.*t_lo < t_hi"):
+        assets.load_t2i(folder)
+    with pytest.raises(ValueError, match=r"config.task.guidance_interval.*\[t_lo, t_hi\]"):
+        assets.interval_of(600, "config.task.guidance_interval")
 
 
 def test_t2i_metrics_name_the_weakest_prompts():

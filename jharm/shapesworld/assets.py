@@ -158,6 +158,7 @@ class T2IAsset:
     schedule: Any
     guidance_scale: float
     config: ml_collections.ConfigDict
+    guidance_interval: tuple[float, float] | None = None  # CFG only for t_lo <= t < t_hi; None: every step
 
 
 def load_judge(folder: str | None = None) -> JudgeAsset:
@@ -191,7 +192,29 @@ def load_t2i(folder: str | None = None) -> T2IAsset:
     manifest, entry = model_entry(folder, "t2i")
     tc = task_config(entry)
     return T2IAsset(unet_config(tc, int(entry["cross_attention_dim"])), load_params(folder, entry["file"], manifest),
-                    schedule_of(tc), float(entry["guidance_scale"]), tc)
+                    schedule_of(tc), float(entry["guidance_scale"]), tc, _manifest_interval(folder, entry))
+
+
+def _manifest_interval(folder: str | None, entry: dict) -> tuple[float, float] | None:
+    # A manifest without the key (written before the interval was configurable) means CFG at every step.
+    where = f"{os.path.join(_dir(folder), 'manifest.json')}: models.t2i.guidance_interval"
+    try:
+        return interval_of(entry.get("guidance_interval"), where)
+    except ValueError as err:
+        raise AssetError(str(err)) from None
+
+
+def interval_of(value, where: str = "guidance_interval") -> tuple[float, float] | None:
+    """``(t_lo, t_hi)`` as floats from a config or manifest value (None stays None: CFG at every step)."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected [t_lo, t_hi] or null, found {value!r}") from None
+    if not lo < hi:
+        raise ValueError(f"{where}: expected t_lo < t_hi, found {value!r}")
+    return lo, hi
 
 
 def load_ip_adapter(folder: str | None = None):

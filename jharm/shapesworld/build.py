@@ -94,7 +94,8 @@ def build(out_dir: str | None = None, *, seed: int = 0, workdir: str = "runs/sha
         if stage == "t2i":
             clip = assets.load_clip(out_dir)
             extra.update(cross_attention_dim=clip.text_config.hidden_size,
-                         guidance_scale=float(config.task.guidance_scale))
+                         guidance_scale=float(config.task.guidance_scale),
+                         guidance_interval=assets.interval_of(config.task.get("guidance_interval")))
         assets.record(out_dir, stage, files, _entry(config, files[0], seconds, **extra), seed=seed)
         print(f"jharm shapesworld build: {stage} done in {seconds:.0f} s, final loss {final_loss:.4g}", flush=True)
     manifest = assets.record(out_dir, "_build", [], _build_entry(out_dir, list(stages), time.time() - begin))

@@ -82,7 +82,7 @@ def clip_metrics(clip: assets.ClipAsset, n: int = 512) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _sampler(unet_config, num_steps: int, guidance_scale: float, schedule_key):
+def _sampler(unet_config, num_steps: int, guidance_scale: float, schedule_key, guidance_interval=None):
     from jharm.diffusion.samplers import make_plan, sample
     from jharm.models.unet import UNet2DConditionModel
 
@@ -94,7 +94,7 @@ def _sampler(unet_config, num_steps: int, guidance_scale: float, schedule_key):
         def model_fn(x, t, ctx):
             return unet.apply(params, x, t, ctx["text"], ip_tokens=ctx.get("ip"))
 
-        return sample(model_fn, plan, x_T, contexts, guidance_scale=guidance_scale)
+        return sample(model_fn, plan, x_T, contexts, guidance_scale=guidance_scale, guidance_interval=guidance_interval)
 
     return run
 
@@ -102,16 +102,19 @@ def _sampler(unet_config, num_steps: int, guidance_scale: float, schedule_key):
 _SCHEDULES: dict = {}
 
 
-def ddim_sampler(unet_config, schedule, num_steps: int, guidance_scale: float):
+def ddim_sampler(unet_config, schedule, num_steps: int, guidance_scale: float, guidance_interval=None):
     """The jitted DDIM + CFG sampler ``run(variables, x_T, {"text": ..., "ip": ...})``, built once
-    per (UNet config, schedule, steps, scale) and reused, so repeated calls do not recompile."""
+    per (UNet config, schedule, steps, scale, interval) and reused, so repeated calls do not recompile.
+    ``guidance_interval`` ``(t_lo, t_hi)``: CFG only at those timesteps (None: every step)."""
     _SCHEDULES[id(schedule)] = schedule
-    return _sampler(unet_config, num_steps, float(guidance_scale), id(schedule))
+    interval = None if guidance_interval is None else tuple(float(b) for b in guidance_interval)
+    return _sampler(unet_config, num_steps, float(guidance_scale), id(schedule), interval)
 
 
 def generate(t2i: assets.T2IAsset, clip: assets.ClipAsset, prompts, seed: int, *, num_steps: int = 50,
              guidance_scale: float | None = None, ip=None, ip_images=None, chunk: int = 64) -> np.ndarray:
-    """Sample one image per prompt ([0, 1], NHWC) with DDIM + CFG (row 0: empty text).
+    """Sample one image per prompt ([0, 1], NHWC) with DDIM + CFG (row 0: empty text), as the T2I
+    is configured (its scale and guidance interval; ``guidance_scale`` overrides the scale).
 
     With ``ip`` (an ``IPAdapter``) and ``ip_images``, each row also gets the
     image prompt's tokens; the unconditional row gets a zero image embedding.
@@ -122,7 +125,7 @@ def generate(t2i: assets.T2IAsset, clip: assets.ClipAsset, prompts, seed: int, *
     ucfg, variables = t2i.unet_config, {"params": t2i.unet_params}
     if ip is not None:
         ucfg, variables = ip.merge(t2i.unet_config, t2i.unet_params)
-    run = ddim_sampler(ucfg, t2i.schedule, num_steps, scale)
+    run = ddim_sampler(ucfg, t2i.schedule, num_steps, scale, t2i.guidance_interval)
     text = CLIPTextModel(clip.text_config)
     encode = jax.jit(lambda ids: text.apply({"params": clip.text_params}, ids)["last_hidden_state"])
     res = int(ucfg.sample_size)
@@ -184,7 +187,8 @@ def t2i_metrics(t2i, clip, judge, per_prompt: int = 2, per_synonym: int = 1, per
             "t2i_synonym_shape_acc": float(syn_ok.mean()), "t2i_max_bias_error": bias_err,
             "t2i_neutral_colours": neutral, "fd_judge": fd,
             "t2i_samples": {"per_prompt": per_prompt, "per_synonym": per_synonym, "per_neutral": per_neutral,
-                            "num_steps": num_steps, "guidance_scale": t2i.guidance_scale, "seed": seed}}
+                            "num_steps": num_steps, "guidance_scale": t2i.guidance_scale,
+                            "guidance_interval": t2i.guidance_interval, "seed": seed}}
 
 
 def ip_metrics(ip, t2i, clip, judge, n: int = 32, seed: int = 0, num_steps: int = 50) -> dict:
