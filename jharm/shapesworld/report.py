@@ -107,8 +107,7 @@ def ddim_sampler(unet_config, schedule, num_steps: int, guidance_scale: float, g
     per (UNet config, schedule, steps, scale, interval) and reused, so repeated calls do not recompile.
     ``guidance_interval`` ``(t_lo, t_hi)``: CFG only at those timesteps (None: every step)."""
     _SCHEDULES[id(schedule)] = schedule
-    interval = None if guidance_interval is None else tuple(float(b) for b in guidance_interval)
-    return _sampler(unet_config, num_steps, float(guidance_scale), id(schedule), interval)
+    return _sampler(unet_config, num_steps, float(guidance_scale), id(schedule), assets.interval_of(guidance_interval))
 
 
 def generate(t2i: assets.T2IAsset, clip: assets.ClipAsset, prompts, seed: int, *, num_steps: int = 50,
@@ -130,12 +129,13 @@ def generate(t2i: assets.T2IAsset, clip: assets.ClipAsset, prompts, seed: int, *
     encode = jax.jit(lambda ids: text.apply({"params": clip.text_params}, ids)["last_hidden_state"])
     res = int(ucfg.sample_size)
     prompts = list(prompts)
+    empty = np.asarray(encode(clip.tokenizer([""])))  # the unconditional row, the same for every chunk
     out = []
     for start in range(0, len(prompts), chunk):
         part = prompts[start:start + chunk]
         pad = chunk - len(part)
         cond = np.asarray(encode(clip.tokenizer(part + [""] * pad)))
-        uncond = np.broadcast_to(np.asarray(encode(clip.tokenizer([""]))), cond.shape)
+        uncond = np.broadcast_to(empty, cond.shape)
         contexts = {"text": np.stack([uncond, cond])}
         if ip is not None:
             imgs = np.asarray(ip_images[start:start + chunk])
