@@ -16,6 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from jharm.runtime import configure_xla_cpu
+
+configure_xla_cpu()  # the XLA:CPU setting jharm's programs run with (jharm/runtime.py)
+
 # diffusers UNet2DConditionModel configs (in/out channels 4).
 UNET_SIZES = {
     # Two levels, cross-attention in the first: the SD block structure at CPU scale.

@@ -21,6 +21,9 @@ from jharm.models.clip import CLIPTextConfig, CLIPTextModel
 from jharm.models.unet import UNet2DConditionModel, UNetConfig
 from jharm.objectives.erasure import esd_loss
 from jharm.objectives.fairness import lightfair_loss
+from jharm.runtime import configure_xla_cpu
+
+configure_xla_cpu()  # the XLA:CPU setting jharm's programs run with (jharm/runtime.py)
 
 SIZES = {
     "small": dict(unet=UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,

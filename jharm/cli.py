@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jharm.runtime import configure_xla_cpu
+
+    configure_xla_cpu()  # before any handler starts JAX
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = _split_config_overrides(argv)
     parser = build_parser()

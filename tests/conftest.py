@@ -1,10 +1,14 @@
-"""Shared test set-up: float32 everywhere, CPU, and the ``slow`` marker."""
+"""Shared test set-up: float32 everywhere, CPU with jharm's XLA:CPU setting, and the ``slow`` marker."""
 import fcntl
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from jharm.runtime import configure_xla_cpu  # noqa: E402
+
+configure_xla_cpu()  # what jharm's programs run with (jharm/runtime.py), before JAX starts
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
