@@ -2,12 +2,15 @@
 
 jaxlib >= 0.8.1 can hand XLA:CPU's dot, reduction and element-wise fusions to
 YNNPACK (flag ``--xla_cpu_experimental_ynn_fusion_type``); jaxlib 0.10.2 does
-by default. On jharm's CPU workloads, 2 cores, jaxlib 0.10.2, interleaved runs
-(docs/performance.md): the ShapesWorld T2I train step ran 1.4x faster without
-them, its DDIM sampling 1.7x, the tiny CLIP step 1.4x and the bench's small SD
-UNet step 1.05x. So jharm's programs (the ``jharm`` CLI, ``make demo``, the
-tests and the benchmarks) call :func:`configure_xla_cpu` first. Accelerators
-are unaffected (the flag is XLA:CPU's only).
+by default. On jharm's CPU workloads without them (2 cores, jaxlib 0.10.2,
+runs interleaved; bench/README.md "XLA:CPU setting"): the ShapesWorld T2I train
+step took 0.69-0.86 s instead of 1.00-1.09 s, DDIM sampling 50-55 s instead of
+94-97 s per 128 samples, the tiny CLIP step 0.11-0.15 s instead of 0.16-0.17 s;
+the bench's small SD-like UNet step was within noise either way. So jharm's
+programs (the ``jharm`` CLI, ``make demo``, the tests and the benchmarks) call
+:func:`configure_xla_cpu` first. Accelerators are unaffected (the flag is
+XLA:CPU's only), and so are the numbers: the ShapesWorld metrics reproduce
+exactly with the fusions off.
 
 In your own program call it before the first JAX computation (XLA reads
 ``XLA_FLAGS`` once, when JAX starts its CPU backend). It leaves ``XLA_FLAGS``
