@@ -9,8 +9,9 @@ step took 0.69-0.86 s instead of 1.00-1.09 s, DDIM sampling 50-55 s instead of
 the bench's small SD-like UNet step was within noise either way. So jharm's
 programs (the ``jharm`` CLI, ``make demo``, the tests and the benchmarks) call
 :func:`configure_xla_cpu` first. Accelerators are unaffected (the flag is
-XLA:CPU's only), and so are the numbers: the ShapesWorld metrics reproduce
-exactly with the fusions off.
+XLA:CPU's only). Only the order of float sums changes: the shipped ShapesWorld
+metrics reproduce exactly with the fusions off, while a discrete choice made on
+float noise can differ (the erasure demo's prefix attack, docs/erasure.md).
 
 In your own program call it before the first JAX computation (XLA reads
 ``XLA_FLAGS`` once, when JAX starts its CPU backend). It leaves ``XLA_FLAGS``
