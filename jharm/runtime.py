@@ -6,7 +6,9 @@ by default. On jharm's CPU workloads without them (2 cores, jaxlib 0.10.2,
 runs interleaved; bench/README.md "XLA:CPU setting"): the ShapesWorld T2I train
 step took 0.69-0.86 s instead of 1.00-1.09 s, DDIM sampling 50-55 s instead of
 94-97 s per 128 samples, the tiny CLIP step 0.11-0.15 s instead of 0.16-0.17 s;
-the bench's small SD-like UNet step was within noise either way. So jharm's
+the bench's small SD-like UNet step was within noise either way on 2 threads
+but slower on one (3.37 against 4.39 steps/s: single-threaded training may
+prefer ``JHARM_XLA_CPU_DEFAULTS=0``). So jharm's
 programs (the ``jharm`` CLI, ``make demo``, the tests and the benchmarks) call
 :func:`configure_xla_cpu` first. Accelerators are unaffected (the flag is
 XLA:CPU's only). Only the order of float sums changes: the shipped ShapesWorld
