@@ -159,6 +159,9 @@ def _cmd_shapesworld(subparsers) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--stages", nargs="*", default=None, help="judge clip t2i ip_adapter (default: all)")
     build.add_argument("--no-report", action="store_true", help="skip measuring the gates after training")
+    build.add_argument("--host-devices", type=int, default=None,
+                       help="on CPU, train data parallel over this many XLA host devices (default: 2 where "
+                            "the machine has 2 or more cores; 1 = one device); accelerators are unaffected")
     rep = sub.add_parser("report", help="measure the quality gates on an asset folder and print them")
     rep.add_argument("--assets", default=None, help="asset folder (default: the shipped one)")
     rep.add_argument("--samples-per-prompt", type=int, default=2, help="T2I samples per colour-shape prompt")
@@ -168,10 +171,13 @@ def _cmd_shapesworld(subparsers) -> None:
     rep.add_argument("--write", action="store_true", help="store the metrics in the folder's manifest")
 
     def handler(args):
+        from jharm.runtime import set_host_devices
         from jharm.shapesworld import assets, build as build_lib, report as report_lib
 
         try:
             if args.action == "build":
+                host_devices = args.host_devices or build_lib.default_host_devices()
+                set_host_devices(host_devices)  # before the first JAX computation
                 build_lib.build(args.out, seed=args.seed, workdir=args.workdir,
                                 stages=tuple(args.stages or build_lib.STAGES), report=not args.no_report)
             else:

@@ -1,4 +1,4 @@
-"""Process-level XLA:CPU setting of jharm's programs: YNNPACK fusions off.
+"""Process-level XLA:CPU settings of jharm's programs: YNNPACK fusions off; host devices.
 
 jaxlib >= 0.8.1 can hand XLA:CPU's dot, reduction and element-wise fusions to
 YNNPACK (flag ``--xla_cpu_experimental_ynn_fusion_type``); jaxlib 0.10.2 does
@@ -29,6 +29,7 @@ import sys
 import warnings
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 OPT_OUT_ENV = "JHARM_XLA_CPU_DEFAULTS"
 _FIRST_JAXLIB_WITH_FLAG = (0, 8, 1)  # older XLA aborts on a flag it does not know
 
@@ -62,9 +63,37 @@ def configure_xla_cpu(environ=None) -> bool:
     flags = env.get("XLA_FLAGS", "")
     if env.get(OPT_OUT_ENV, "1") == "0" or YNN_FLAG in flags or not _jaxlib_knows_flag():
         return False
-    if environ is None and _cpu_backend_started():
-        warnings.warn(f"jharm.runtime.configure_xla_cpu: JAX's backends already started, so {YNN_FLAG}= "
-                      "would not take effect; call it before the first JAX computation", stacklevel=2)
+    return _append_flag(env, environ is None, f"{YNN_FLAG}=", "configure_xla_cpu")
+
+
+def set_host_devices(count: int, environ=None) -> bool:
+    """Split the CPU into ``count`` XLA devices, so the one train loop runs data parallel on it.
+
+    XLA:CPU runs one program's operations one after another, each on the
+    intra-op thread pool, and the small convolutions and attention maps of the
+    ShapesWorld models leave much of 2 cores idle. With two host devices the
+    loop's ``data`` mesh axis splits every batch in halves that run at once.
+    Measured on 2 cores (2026-12-07): the T2I's forward + gradient at batch 32
+    took 0.54-0.58 s instead of 0.77 s, and its build stage 1556 s instead of
+    about 1800 s (2000 steps); the tiny CLIP and the IP-Adapter stages ran at
+    their one-device speed. Gradients are averaged over the halves, so the
+    update is the same up to the order of float sums. Accelerators are
+    unaffected: the flag sets the CPU platform's device count only. Returns
+    whether ``XLA_FLAGS`` changed; does nothing when they already name the
+    flag (your choice wins) or for one device.
+    """
+    if count < 1:
+        raise ValueError(f"host devices must be >= 1, got {count}")
+    env = os.environ if environ is None else environ
+    if HOST_DEVICES_FLAG in env.get("XLA_FLAGS", "") or count == 1:
         return False
-    env["XLA_FLAGS"] = f"{flags} {YNN_FLAG}=".strip()
+    return _append_flag(env, environ is None, f"{HOST_DEVICES_FLAG}={count}", "set_host_devices")
+
+
+def _append_flag(env, is_process_env: bool, flag: str, caller: str) -> bool:
+    if is_process_env and _cpu_backend_started():
+        warnings.warn(f"jharm.runtime.{caller}: JAX's backends already started, so {flag} would not take "
+                      "effect; call it before the first JAX computation", stacklevel=3)
+        return False
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     return True

@@ -228,7 +228,8 @@ def test_a_stage_by_stage_build_keeps_the_time_of_every_invocation(tmp_path, mon
         build.build(out, workdir=str(tmp_path / "work"), stages=(stage,), report=False)
     record = assets.read_manifest(out)["models"]["_build"]
     assert [inv["stages"] for inv in record["invocations"]] == [["judge"], ["judge"]]
-    assert all(inv["seconds"] >= 0 and inv["date"] and inv["machine"] for inv in record["invocations"])
+    assert all(inv["seconds"] >= 0 and inv["date"] and inv["machine"] and inv["devices"]
+               for inv in record["invocations"])
     assert [inv["stages"] for inv in build._build_entry(out, list(build.STAGES), 5.0)["invocations"]] == [
         list(build.STAGES)]
 
