@@ -176,7 +176,7 @@ def _cmd_shapesworld(subparsers) -> None:
 
         try:
             if args.action == "build":
-                host_devices = args.host_devices or build_lib.default_host_devices()
+                host_devices = build_lib.default_host_devices() if args.host_devices is None else args.host_devices
                 set_host_devices(host_devices)  # before the first JAX computation
                 build_lib.build(args.out, seed=args.seed, workdir=args.workdir,
                                 stages=tuple(args.stages or build_lib.STAGES), report=not args.no_report)

@@ -89,7 +89,7 @@ def test_a_fresh_process_gets_the_host_devices():
     assert out.stdout.strip() == "3"
 
 
-def test_the_build_command_splits_the_cpu_before_it_trains(monkeypatch, tmp_path):
+def test_the_build_command_splits_the_cpu_before_it_trains(monkeypatch, tmp_path, capsys):
     """``jharm shapesworld build --host-devices N`` sets the flag before the build's first JAX
     computation (here the build is replaced by a recorder; this process's JAX already runs)."""
     from jharm import cli
@@ -106,3 +106,6 @@ def test_the_build_command_splits_the_cpu_before_it_trains(monkeypatch, tmp_path
     seen.clear()
     assert cli.main(["shapesworld", "build", "--out", str(tmp_path), "--no-report"]) == 0
     assert f"{runtime.HOST_DEVICES_FLAG}=2" in seen["flags"]
+    seen.clear()
+    assert cli.main(["shapesworld", "build", "--host-devices", "0", "--out", str(tmp_path)]) == 1
+    assert not seen and "host devices must be >= 1, got 0" in capsys.readouterr().err
