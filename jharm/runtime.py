@@ -63,7 +63,7 @@ def configure_xla_cpu(environ=None) -> bool:
     flags = env.get("XLA_FLAGS", "")
     if env.get(OPT_OUT_ENV, "1") == "0" or YNN_FLAG in flags or not _jaxlib_knows_flag():
         return False
-    return _append_flag(env, environ is None, f"{YNN_FLAG}=", "configure_xla_cpu")
+    return _append_flag(env, f"{YNN_FLAG}=", "configure_xla_cpu")
 
 
 def set_host_devices(count: int, environ=None) -> bool:
@@ -87,11 +87,12 @@ def set_host_devices(count: int, environ=None) -> bool:
     env = os.environ if environ is None else environ
     if HOST_DEVICES_FLAG in env.get("XLA_FLAGS", "") or count == 1:
         return False
-    return _append_flag(env, environ is None, f"{HOST_DEVICES_FLAG}={count}", "set_host_devices")
+    return _append_flag(env, f"{HOST_DEVICES_FLAG}={count}", "set_host_devices")
 
 
-def _append_flag(env, is_process_env: bool, flag: str, caller: str) -> bool:
-    if is_process_env and _cpu_backend_started():
+def _append_flag(env, flag: str, caller: str) -> bool:
+    """Append ``flag`` to ``env["XLA_FLAGS"]``; for this process's environment only while JAX has not started."""
+    if env is os.environ and _cpu_backend_started():
         warnings.warn(f"jharm.runtime.{caller}: JAX's backends already started, so {flag} would not take "
                       "effect; call it before the first JAX computation", stacklevel=3)
         return False
