@@ -10,8 +10,8 @@ steps; at 1000 steps zero-shot shape accuracy was 0.18.
 Why the build world's shape sizes (outer radius 0.32-0.44 of the width) at 32x32: with the
 default world's smaller shapes (0.22-0.36) the same recipe measured zero-shot shape 0.943 and
 colourless 8-way synonyms 0.836, star and cross confused most; with the larger shapes
-0.994 / 0.911 (build seed 0, 1570 s on one core; docs/shapesworld.md). They are also the shapes the CLIP reads in
-the T2I's and IP-Adapter's world (16x16 renders resized to 32x32).
+0.994 / 0.911 (build seed 0, 1570 s on one core; docs/shapesworld.md). They are also the
+shapes the CLIP reads in the T2I's and IP-Adapter's world (16x16 renders resized to 32x32).
 
 Why patch 8 (a 4x4 grid of patches, 17 tokens) instead of 4 (65 tokens): the vision tower was
 74 % of a step (0.109 of 0.148 s at batch 64); with patch 8 the stage runs 5000 steps in 344 s

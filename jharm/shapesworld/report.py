@@ -80,11 +80,13 @@ def clip_metrics(clip: assets.ClipAsset, n: int = 512) -> dict:
 
     best = winners([captions.fill("a {colour} {shape}", s, c) for s, c in pairs])
     colour_pred = np.array([render.COLOUR_NAMES.index(pairs[i][1]) for i in best])
-    slots = range(len(captions.surface_forms(render.SHAPES[0], "synonyms")))
-    coloured = [float((pair_shapes[winners([captions.fill("a {colour} {shape}", s, c, shape_word=synonym(s, k))
-                                            for s, c in pairs])] == batch["shape"]).mean()) for k in slots]
-    neutral = [float((winners([captions.fill("a {shape}", s, shape_word=synonym(s, k)) for s in render.SHAPES])
-                      == batch["shape"]).mean()) for k in slots]
+    coloured, neutral = [], []
+    for k in range(len(captions.surface_forms(render.SHAPES[0], "synonyms"))):
+        shapes = pair_shapes[winners([captions.fill("a {colour} {shape}", s, c, shape_word=synonym(s, k))
+                                      for s, c in pairs])]
+        coloured.append(float((shapes == batch["shape"]).mean()))
+        shapes = winners([captions.fill("a {shape}", s, shape_word=synonym(s, k)) for s in render.SHAPES])
+        neutral.append(float((shapes == batch["shape"]).mean()))
     return {"clip_shape_acc": float((pair_shapes[best] == batch["shape"]).mean()),
             "clip_colour_acc": float((colour_pred == batch["colour"]).mean()),
             "clip_synonym_shape_acc": float(np.mean(coloured)),
