@@ -196,8 +196,10 @@ def t2i_metrics(t2i, clip, judge, per_prompt: int = 2, per_synonym: int = 1, per
     # per_neutral samples can read the +-10-point gate (64 samples at 80 %: 0.05; 256: 0.025).
     rows = bias[[render.SHAPES.index(s) for s in biased]]
     bias_se = float(np.sqrt(rows * (1 - rows) / per_neutral).max()) if biased else 0.0
-    real = eval_images(len(images), 2, t2i.config.world)["image"]  # the T2I's own world
-    fd = frechet_distance(judge_features(judge.params, images, judge.config),
+    # FD on the colour-shape samples only: every shape and colour equally often, as in the real
+    # renders, so the number does not move with how many synonym and neutral samples a report draws.
+    real = eval_images(a, 2, t2i.config.world)["image"]  # the T2I's own world
+    fd = frechet_distance(judge_features(judge.params, images[:a], judge.config),
                           judge_features(judge.params, real, judge.config))
     weakest = [[captions.fill("a {colour} {shape}", *pairs[i]), float(per_pair[i])]
                for i in np.argsort(per_pair, kind="stable")[:6]]
