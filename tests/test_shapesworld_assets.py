@@ -219,6 +219,23 @@ def test_a_stage_stopped_by_sigterm_writes_nothing_and_the_cli_says_resume(tmp_p
     assert code == 143 and "rerun the same command to resume" in capsys.readouterr().err
 
 
+def test_the_same_build_seed_gives_the_same_weights_and_metrics(tmp_path):
+    """The issue's reproducibility gate, on the judge stage at smoke size: two from-scratch
+    builds with one seed write byte-identical weights (so every metric measured on them agrees),
+    and another seed writes different ones."""
+    from jharm.shapesworld import build
+
+    def built(name, seed):
+        out = str(tmp_path / name)
+        manifest = build.build(out, seed=seed, workdir=str(tmp_path / f"work_{name}"), stages=("judge",),
+                               steps={"judge": 6}, report=False)
+        return manifest["files"]["judge.safetensors"], report.judge_metrics(assets.load_judge(out), n=64)
+
+    (sha_a, metrics_a), (sha_b, metrics_b), (sha_c, _) = built("a", 0), built("b", 0), built("c", 1)
+    assert sha_a == sha_b and metrics_a == metrics_b
+    assert sha_c != sha_a
+
+
 def test_a_stage_by_stage_build_keeps_the_time_of_every_invocation(tmp_path, monkeypatch):
     """The build-time gate is read off ``_build``: building one stage must not erase the record of
     the stages built before it; a build of every stage starts the record afresh."""
