@@ -181,8 +181,8 @@ def t2i_metrics(t2i, clip, judge, per_prompt: int = 2, per_synonym: int = 1, per
     images = generate(t2i, clip, prompts, seed, num_steps=num_steps)
     pred = judge_predict(judge.params, images, judge.config)
     a, b = len(pairs) * per_prompt, len(syns) * per_synonym
-    ok = ((pred["shape"][:a] == np.repeat([render.SHAPES.index(s) for s, _ in pairs], per_prompt))
-          & (pred["colour"][:a] == np.repeat([render.COLOUR_NAMES.index(c) for _, c in pairs], per_prompt)))
+    shape_ok = pred["shape"][:a] == np.repeat([render.SHAPES.index(s) for s, _ in pairs], per_prompt)
+    ok = shape_ok & (pred["colour"][:a] == np.repeat([render.COLOUR_NAMES.index(c) for _, c in pairs], per_prompt))
     per_pair = ok.reshape(len(pairs), per_prompt).mean(-1)
     syn_ok = pred["shape"][a:a + b] == np.repeat([render.SHAPES.index(s) for s, _ in syns], per_synonym)
     bias = captions.bias_matrix(t2i.config.world)
@@ -205,8 +205,7 @@ def t2i_metrics(t2i, clip, judge, per_prompt: int = 2, per_synonym: int = 1, per
                for i in np.argsort(per_pair, kind="stable")[:6]]
     return {"t2i_min_prompt_acc": float(per_pair.min()), "t2i_mean_prompt_acc": float(per_pair.mean()),
             "t2i_weakest_prompts": weakest,
-            "t2i_shape_acc": float((pred["shape"][:a] == np.repeat([render.SHAPES.index(s) for s, _ in pairs],
-                                                                   per_prompt)).mean()),
+            "t2i_shape_acc": float(shape_ok.mean()),
             "t2i_synonym_shape_acc": float(syn_ok.mean()), "t2i_max_bias_error": bias_err,
             "t2i_bias_standard_error": bias_se,
             "t2i_neutral_colours": neutral, "fd_judge": fd,
